@@ -1,0 +1,1 @@
+"""Stages and shared data/tracking code of the memvad harness."""
