@@ -1,0 +1,166 @@
+"""Evaluate one (dataset, variant, seed): `python -m pipeline.evaluate --dataset D --variant V --seed S`.
+
+Per test frame: PSNR, feature distance (memory variants), MemAE's clip error, and the normality score, both without
+and with test-time memory update for MNAD-memory variants. Writes runs/<dataset>/<variant>/seed<S>/{scores.csv,
+metrics.json, roc.csv} and logs metrics, the ROC figure and the scores into the run's MLflow run (the same run as
+training). `copy-last` needs no checkpoint: it is evaluated directly.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.build import build_model, split_clip
+from pipeline import checkpoint as ckpt
+from pipeline.config import Variant, load_params
+from pipeline.data import ClipDataset, clip_dataset
+from pipeline.errors import exit_cleanly
+from pipeline.io import write_csv, write_json
+from pipeline.metrics import normality_score, psnr_from_mse, regularity_score, roc_points, summarise
+from pipeline.tracking import Run, environment_tags, flatten
+
+
+def frame_errors(output: torch.Tensor, target: torch.Tensor, family: str) -> dict[str, np.ndarray]:
+    """Per-sample error series from outputs in [-1, 1]: PSNR on [0, 1] images, and MemAE's clip error."""
+    dims = tuple(range(1, output.dim()))
+    mse01 = (((output + 1) / 2 - (target + 1) / 2) ** 2).mean(dim=dims)
+    series = {"psnr": psnr_from_mse(mse01.double().cpu().numpy())}
+    if family == "memae":  # mean over (t, h, w) of the per-position L2 error over channels (Gong et al.)
+        series["error"] = ((output - target) ** 2).sum(dim=1).sqrt().mean(dim=(1, 2, 3)).double().cpu().numpy()
+    return series
+
+
+@torch.no_grad()
+def score_batched(model, dataset: ClipDataset, variant: Variant, batch_size: int, device) -> dict[str, np.ndarray]:
+    """One pass with the memory frozen: batched, in any order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in tqdm(loader, desc="evaluate", leave=False, mininterval=2.0):
+        inputs, target = split_clip(batch["clip"], variant)
+        inputs, target = inputs.to(device), target.to(device)
+        result = model(inputs)
+        series = frame_errors(result.output, target, variant.family)
+        if getattr(result, "distance", None) is not None:
+            series["distance"] = result.distance.double().cpu().numpy()
+        for key, value in series.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+@torch.no_grad()
+def score_with_update(model, dataset: ClipDataset, variant: Variant, device) -> dict[str, np.ndarray]:
+    """Frame by frame in video order: each frame is scored with the memory as it stands, then (if its error is
+    under the threshold) updates it. The memory persists across all test videos, as in MNAD."""
+    parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": []}
+    loader = DataLoader(dataset, batch_size=1, shuffle=False)
+    for batch in tqdm(loader, desc="evaluate (test-time update)", leave=False, mininterval=2.0):
+        inputs, target = split_clip(batch["clip"], variant)
+        inputs, target = inputs.to(device), target.to(device)
+        result = model(inputs)
+        parts["psnr"].append(frame_errors(result.output, target, variant.family)["psnr"])
+        parts["distance"].append(result.distance.double().cpu().numpy())
+        model.test_time_update(result, target, variant.test_threshold)
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Variant, nan_policy: str,
+               suffix: str = "") -> int:
+    """Add the series and the normality score columns to `frame`; returns the degenerate video count."""
+    videos = frame["video"].to_numpy()
+    for key, value in series.items():
+        frame[key + suffix] = value
+    if variant.family == "memae":
+        score, degenerate = regularity_score(series["error"], videos, nan_policy)
+    else:
+        score, degenerate = normality_score(series["psnr"], videos, variant.alpha, series.get("distance"), nan_policy)
+    frame["score" + suffix] = score
+    return degenerate
+
+
+def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
+             data_root: Path | None = None, runs_root: Path | None = None) -> dict:
+    params = load_params(params_path)
+    dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
+    options = params.evaluate
+    out_dir = ckpt.run_dir(dataset_name, variant_name, seed, runs_root)
+    device = ckpt.pick_device()
+    torch.manual_seed(seed)
+
+    if variant.trainable:
+        model, _, _ = ckpt.load_model(out_dir / "checkpoint.pt", device)
+    else:
+        model = build_model(variant, dataset.profile).to(device).eval()
+    test_set = clip_dataset(ckpt.frames_dir(dataset_name, data_root), "test", variant)
+    scores = test_set.windows[["video", "frame", "label", "anomaly_type"]].copy()
+
+    metrics: dict = {"frames": len(scores), "videos": int(scores["video"].nunique())}
+    if options.test_time_update != "with" or variant.memory != "mnad":
+        series = score_batched(model, test_set, variant, options.batch_size, device)
+        degenerate = add_scores(scores, series, variant, options.nan_policy)
+        metrics["without_update"] = summarise(scores, "score", degenerate)
+        metrics["without_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
+    if variant.memory == "mnad" and options.test_time_update != "without":
+        series = score_with_update(model, test_set, variant, device)
+        degenerate = add_scores(scores, series, variant, options.nan_policy, suffix="_update")
+        metrics["with_update"] = summarise(scores, "score_update", degenerate)
+        metrics["with_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
+
+    headline = "with_update" if "with_update" in metrics else "without_update"
+    score_column = "score_update" if headline == "with_update" else "score"
+    roc = roc_points(scores["label"].to_numpy(), scores[score_column].to_numpy())
+    write_csv(out_dir / "scores.csv", scores)
+    write_csv(out_dir / "roc.csv", roc)
+    write_json(out_dir / "metrics.json", metrics)
+
+    run = Run(dataset_name, variant_name, seed)
+    run.set_tags({**environment_tags(device.type), "eval_stage": f"evaluate@{dataset_name}-{variant_name}-{seed}",
+                  "eval.nan_policy": options.nan_policy, "eval.test_time_update": options.test_time_update})
+    if not variant.trainable:
+        run.log_params(flatten(ckpt.run_config(dataset, variant, seed)))
+    run.log_metrics(flatten(metrics, "eval."))
+    run.log_artifact(out_dir / "scores.csv")
+    run.log_artifact(out_dir / "metrics.json")
+    run.log_artifact(roc_figure(roc, f"{dataset_name} {variant_name} seed {seed}", out_dir / "roc.png"))
+    run.finish()
+    return metrics
+
+
+def roc_figure(roc: pd.DataFrame, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(roc["fpr"], roc["tpr"])
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+@exit_cleanly
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
+    args = parser.parse_args(argv)
+    metrics = evaluate(args.dataset, args.variant, args.seed, args.params)
+    print({k: v for k, v in flatten(metrics).items() if "auc_micro" in k})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
