@@ -92,7 +92,7 @@ def fetch(archive: Archive, raw_dir: Path, *, params_key: str | None = None) -> 
 
     kept = f" The partial download {part} is kept; the next run resumes it." if part.exists() else ""
     raise UserError(f"could not download {archive.name} ({params_key}): " + "; ".join(failures) + "." + kept +
-                    f" To continue without the network, {_how_to_place_by_hand(archive, raw_dir, params_key)}")
+                    f" Or else {_how_to_place_by_hand(archive, raw_dir, params_key)}")
 
 
 def sha256_of(path: Path) -> str:
@@ -197,8 +197,10 @@ def _one_request(url: str, part: Path, offset: int) -> int | None:
         if offset and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range", ""))
             if start != offset:
-                raise _DownloadFailed(f"asked to resume at byte {offset}, the server answered "
-                                      f"Content-Range {response.headers.get('Content-Range')!r}")
+                part.unlink()  # resuming from this server cannot work; the next run starts the file over
+                raise _DownloadFailed(f"asked to resume at byte {offset}, the server answered Content-Range "
+                                      f"{response.headers.get('Content-Range')!r}; the partial download was "
+                                      f"discarded, rerun to download it from the start")
         elif response.status == 200:
             offset = 0  # the server ignored Range (or there was nothing to resume): start the file again
         else:
