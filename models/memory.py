@@ -105,7 +105,7 @@ class Memory(nn.Module):
                 0, nearest, own_score, reduce="amax", include_self=False)
         weights = own_score / column_max[nearest]
         step = torch.zeros_like(items).index_add_(0, nearest, weights[:, None] * q)
-        chosen = torch.bincount(nearest, minlength=self.num_items) > 0
+        chosen = torch.zeros(self.num_items, dtype=torch.bool, device=items.device).index_fill_(0, nearest, True)
         # Rebind rather than write in place: the old items may still be saved in this batch's autograd graph.
         self.items = torch.where(chosen[:, None], F.normalize(items + step, dim=1), items)
         return nearest.reshape(batch, height, width)

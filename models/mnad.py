@@ -87,11 +87,11 @@ class Decoder(nn.Module):
         stages = [(c4, c3), (c3, c2), (c2, c1)] if skips or narrow else [(c4, c4), (c3, c3), (c2, c2)]
         skip_channels = (c3, c2, c1) if skips else (0, 0, 0)
         self.skips = skips
-        self.blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        self.stages = nn.ModuleList()
         channels = in_channels
         for (block_channels, up_channels), extra in zip(stages, skip_channels):
-            self.blocks.append(conv_block(channels, block_channels))
-            self.upsamples.append(upsample(block_channels, up_channels))
+            block = conv_block(channels, block_channels)
+            self.stages.append(nn.Sequential(block, upsample(block_channels, up_channels)))
             channels = extra + up_channels
         self.head = output_head(channels, out_channels, c1)
 
@@ -101,8 +101,8 @@ class Decoder(nn.Module):
             raise ValueError(f"this decoder was built with skips={self.skips} but was called "
                              f"{'with' if skips is not None else 'without'} skip maps")
         deepest_first = reversed(skips) if skips is not None else (None, None, None)
-        for block, up, skip in zip(self.blocks, self.upsamples, deepest_first):
-            x = up(block(x))
+        for stage, skip in zip(self.stages, deepest_first):
+            x = stage(x)
             if skip is not None:
                 x = torch.cat([skip, x], dim=1)
         return self.head(x)
@@ -168,7 +168,7 @@ def check_frame_size(x: torch.Tensor, multiple: int, model: str) -> None:
 
 class MNAD(nn.Module):
     """Encoder -> (memory read) -> decoder. `memory_items=0` removes the memory: the decoder then reads the raw
-    encoder features, as in the RC2020 baselines."""
+    encoder features, as in the RC2020 baselines (result.queries still holds their L2-normalised copy, for analysis)."""
 
     def __init__(self, in_channels: int, out_channels: int, width: float = 1.0, skips: bool = True,
                  decoder: str = "paper", memory_items: int = 10, update_norm: str = "official"):

@@ -13,7 +13,8 @@ class ModelOutput:
     output:     the predicted or reconstructed frame(s), same layout as the target, in [-1, 1] for MNAD.
     queries:    MNAD: L2-normalised encoder features [B, C, h, w]; MemAE: encoder features [B, C, t, h, w].
     read:       what the memory returned for each query (same shape as queries), None without memory.
-    nearest:    index of each query's nearest memory item, [B, h, w] (MNAD) or [B, t, h, w] (MemAE), None without memory.
+    nearest:    index of each query's nearest memory item, [B, h, w] (MNAD) or [B, t, h, w] (MemAE); None without
+                memory.
     distance:   MNAD's per-frame feature distance [B] (compactness of each frame's queries), None otherwise.
     loss_terms: scalar losses the model computes itself from the memory as it was before any update
                 ("compactness", "separateness", "uniform" for MNAD; "entropy" for MemAE).
