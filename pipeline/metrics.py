@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
 
 ANOMALY_TYPES = ("spatial", "temporal", "spatio_temporal")
 
@@ -65,6 +64,8 @@ def regularity_score(error: np.ndarray, videos: np.ndarray, nan_policy: str = "s
 
 def auc(labels: np.ndarray, score: np.ndarray) -> float:
     """Frame-level AUC of a normality score against 0/1 abnormal labels; NaN when undefined (one class, NaN score)."""
+    from sklearn.metrics import roc_auc_score  # imported here: 1.5 s that the training stage does not need
+
     labels = np.asarray(labels)
     score = np.asarray(score, dtype=np.float64)
     if len(np.unique(labels)) < 2 or np.isnan(score).any():
@@ -92,6 +93,8 @@ def auc_by_type(labels: np.ndarray, score: np.ndarray, types: np.ndarray) -> dic
 
 def roc_points(labels: np.ndarray, score: np.ndarray) -> pd.DataFrame:
     """ROC curve of abnormal-vs-normal with the abnormality score 1 - S (for plots)."""
+    from sklearn.metrics import roc_curve
+
     if len(np.unique(labels)) < 2 or np.isnan(score).any():
         return pd.DataFrame({"fpr": [], "tpr": []})
     fpr, tpr, _ = roc_curve(labels, -np.asarray(score))
