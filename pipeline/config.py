@@ -212,10 +212,23 @@ class Analysis:
     tsne_queries: int
     tsne_perplexity: float
     collapse_share: float
+    usage_train_windows: int
+    replacement_variants: tuple[str, ...]
+    replacement_unchanged_psnr: float
     replacement_examples: int
     timeline_videos: int
     bootstrap_samples: int
     bootstrap_seed: int
+
+    def validate(self, key: str) -> None:
+        _check(self.tsne_queries >= 10, f"{key}.tsne_queries", f"must be at least 10, got {self.tsne_queries}")
+        _check(self.tsne_perplexity > 0, f"{key}.tsne_perplexity", "must be positive")
+        _check(0.0 < self.collapse_share <= 1.0, f"{key}.collapse_share", "must be a share in (0, 1]")
+        _check(self.usage_train_windows >= 0, f"{key}.usage_train_windows", "must be 0 (all windows) or more")
+        _check(self.replacement_examples >= 1 and self.timeline_videos >= 1, key,
+               "replacement_examples and timeline_videos must be at least 1")
+        _check(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples",
+               f"must be at least 100 for a 95% interval, got {self.bootstrap_samples}")
 
 
 @dataclass(frozen=True)
@@ -397,6 +410,10 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     _check(evaluate.test_time_update in ("both", "with", "without"), "evaluate.test_time_update",
            f"unknown value {evaluate.test_time_update!r}; valid: ['both', 'with', 'without']")
     analysis = _build(Analysis, _section(raw, "analysis"), "analysis")
+    for v in analysis.replacement_variants:
+        _check(v in variants and variants[v].family == "mnad", "analysis.replacement_variants",
+               f"{v!r} is not an MNAD-family variant (the study replaces MNAD's decoder input); valid: "
+               f"{sorted(n for n, x in variants.items() if x.family == 'mnad')}")
     return Params(study, profiles, datasets, variants, evaluate, analysis, raw=raw)
 
 

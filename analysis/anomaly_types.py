@@ -1,0 +1,158 @@
+"""Per-anomaly-type results on the synthetic datasets (claim C7): does only prediction catch temporal anomalies?
+
+The per-type AUCs come from each run's metrics.json (frames of one anomaly type against all normal frames), for
+every variant that ran and the copy-last floor; the bar chart shows the headline scoring (with test-time update
+where the variant has it), mean over seeds with the standard deviation as error bars. Example frames show a
+spatial, a temporal and a spatio-temporal event with the outputs and error maps of one reconstruction and one
+prediction model.
+
+Writes analysis/tables/anomaly_types/<dataset>/per_type_auc.csv and analysis/figures/anomaly_types/<dataset>/
+{per_type_auc.png, examples.png}.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis import plotting
+from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, output_dirs, stage_main
+from analysis.inference import LoadedRun, psnr
+from pipeline.checkpoint import frames_dir
+from pipeline.config import ANOMALY_TYPES, Params
+from pipeline.data import read_labels
+from pipeline.io import write_csv
+
+TOPIC = "anomaly_types"
+# The example models: the first of each list that has a checkpoint.
+RECONSTRUCTION_MODELS = ("mnad-recon", "ae-recon")
+PREDICTION_MODELS = ("mnad-pred", "ae-pred")
+
+
+def per_type_table(dataset: str, params: Params, runs_root: Path | None) -> pd.DataFrame:
+    rows = []
+    for run in existing_runs(params, dataset, runs_root):
+        metrics = run.metrics()
+        headline = headline_scoring(metrics)
+        for scoring in SCORE_COLUMNS:
+            for kind in ANOMALY_TYPES:
+                value = metrics.get(scoring, {}).get(f"auc_{kind}")
+                if value is not None:
+                    rows.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "scoring": scoring,
+                                 "headline": scoring == headline, "anomaly_type": kind, "auc": value})
+    return pd.DataFrame(rows, columns=["dataset", "variant", "seed", "scoring", "headline", "anomaly_type", "auc"])
+
+
+def anomaly_types(dataset: str, params: Params, runs_root: Path | None = None, data_root: Path | None = None,
+                  out_root: Path | None = None) -> pd.DataFrame:
+    figures, tables = output_dirs(TOPIC, dataset, out_root)
+    table = per_type_table(dataset, params, runs_root)
+    write_csv(tables / "per_type_auc.csv", table)
+    if table.empty:
+        message = f"not run here: {dataset} records no anomaly types (or no run of it exists)"
+        plotting.placeholder(figures / "per_type_auc.png", message)
+        plotting.placeholder(figures / "examples.png", message)
+        return table
+    per_type_figure(table, params, figures / "per_type_auc.png", dataset)
+    examples_figure(dataset, params, runs_root, data_root, figures / "examples.png")
+    return table
+
+
+def per_type_figure(table: pd.DataFrame, params: Params, path: Path, dataset: str) -> Path:
+    headline = table[table["headline"]]
+    variants = list(dict.fromkeys(headline["variant"]))
+    kinds = [k for k in ANOMALY_TYPES if k in set(headline["anomaly_type"])]
+    colors = plotting.variant_colors(list(params.variants))
+    fig, axes = plotting.figure(1, 1, panel=(min(10.0, max(6.0, 0.3 * len(variants) * len(kinds))), 3.0))
+    ax = axes[0, 0]
+    width = 0.85 / len(variants)
+    for k, variant in enumerate(variants):
+        stats = (headline[headline["variant"] == variant].groupby("anomaly_type")["auc"]
+                 .agg(["mean", "std", "count"]).reindex(kinds))
+        ax.bar(np.arange(len(kinds)) + (k - (len(variants) - 1) / 2) * width, stats["mean"], width,
+               yerr=stats["std"].fillna(0), capsize=2, color=colors[variant],
+               label=f"{variant} (n={int(stats['count'].max())})", hatch="//" if variant == BASELINE else None)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(np.arange(len(kinds)))
+    ax.set_xticklabels(kinds)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("frame AUC (type vs normal frames)")
+    ax.set_title(f"{dataset}: AUC per anomaly type, mean ± std over seeds (dotted: chance)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return plotting.save(fig, path)
+
+
+def event_frames(labels: pd.DataFrame, skip: int) -> dict[str, tuple[str, int]]:
+    """For each anomaly type: (video, frame) in the middle of its first test event that starts at frame `skip`
+    or later (so that a prediction model has the four frames before it)."""
+    test = labels[(labels["split"] == "test") & (labels["label"] == 1)].sort_values(["video", "frame"])
+    chosen = {}
+    for kind in ANOMALY_TYPES:
+        frames = test[(test["anomaly_type"] == kind) & (test["frame"] >= skip)]
+        if frames.empty:
+            continue
+        video = frames["video"].iloc[0]
+        numbers = frames[frames["video"] == video]["frame"].to_numpy()
+        event = numbers[: np.argmax(np.diff(numbers, append=numbers[-1] + 2) > 1) + 1]  # first consecutive run
+        chosen[kind] = (video, int(event[len(event) // 2]))
+    return chosen
+
+
+def first_loaded(dataset: str, params: Params, runs_root: Path | None, data_root: Path | None,
+                 candidates: tuple[str, ...]) -> LoadedRun | None:
+    runs = existing_runs(params, dataset, runs_root, candidates, needs=("checkpoint.pt",))
+    for variant in candidates:  # the preferred model first, whatever its place in the study
+        for run in runs:
+            if run.variant == variant:
+                return LoadedRun(run, data_root)
+    return None
+
+
+def examples_figure(dataset: str, params: Params, runs_root: Path | None, data_root: Path | None,
+                    path: Path) -> Path:
+    """Rows: one event per anomaly type; columns: the frame, then output and squared-error map of a reconstruction
+    and of a prediction model (error maps on one colour scale)."""
+    models = [m for m in (first_loaded(dataset, params, runs_root, data_root, RECONSTRUCTION_MODELS),
+                          first_loaded(dataset, params, runs_root, data_root, PREDICTION_MODELS)) if m is not None]
+    labels = read_labels(frames_dir(dataset, data_root))
+    events = event_frames(labels, skip=max([m.variant.window - 1 for m in models], default=0))
+    if not models or not events:
+        return plotting.placeholder(path, f"not run here: no reconstruction or prediction checkpoint, or no "
+                                          f"event, on {dataset}")
+    panels = {}
+    for kind, (video, frame) in events.items():
+        for loaded in models:
+            dataset_windows = loaded.windows("test")
+            window = loaded.window_of(dataset_windows, video, frame)
+            if window is None:
+                continue  # this model does not score that frame; its panels stay empty
+            _, target, result = loaded.one_window(dataset_windows, window)
+            error = (((result.output[0] + 1) / 2 - (target[0] + 1) / 2) ** 2).mean(dim=0)
+            value = float(psnr(result.output, target)[0])
+            panels[kind, loaded.run.variant] = (target[0], result.output[0], error, value)
+    vmax = max([float(torch.quantile(p[2].flatten(), 0.999)) for p in panels.values()], default=0.0) or 1.0
+    columns = 1 + 2 * len(models)
+    fig, axes = plotting.figure(len(events), columns, panel=(1.6, 1.7))
+    for row, (kind, (video, frame)) in enumerate(events.items()):
+        for ax in axes[row]:
+            ax.axis("off")
+        shown = [panels[kind, m.run.variant] for m in models if (kind, m.run.variant) in panels]
+        if shown:
+            plotting.show_image(axes[row, 0], plotting.to_image(shown[0][0]), f"{kind}\n{video}/{frame}")
+        for k, loaded in enumerate(models):
+            if (kind, loaded.run.variant) not in panels:
+                continue
+            _, output, error, value = panels[kind, loaded.run.variant]
+            plotting.show_image(axes[row, 1 + 2 * k], plotting.to_image(output),
+                                f"{loaded.run.variant}\n{value:.1f} dB")
+            plotting.show_image(axes[row, 2 + 2 * k], error.cpu().numpy(), "squared error", cmap="magma", vmax=vmax)
+    fig.suptitle(f"{dataset}: one event of each type (seed {models[0].run.seed})")
+    return plotting.save(fig, path)
+
+
+main = stage_main(anomaly_types, "per-anomaly-type AUC and example events (C7)")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

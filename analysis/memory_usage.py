@@ -1,0 +1,151 @@
+"""Memory usage (claims C5, C6): how often each memory item is the nearest item of a query.
+
+For every memory variant and seed of a dataset: the per-item count of nearest-item assignments over all test
+windows and over a seeded sample of training windows (memory frozen, as trained), and the usage statistics of
+pipeline.metrics.usage_stats (entropy, perplexity, items used, top item's share, collapse flag).
+
+Writes analysis/tables/memory_usage/<dataset>/{usage.csv, counts.csv} and
+analysis/figures/memory_usage/<dataset>/{usage.png, pred_vs_uniform.png}.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis import plotting
+from analysis.common import existing_runs, output_dirs, runs_by_variant, seeded_subset, stage_main
+from analysis.inference import LoadedRun
+from pipeline.config import Params
+from pipeline.io import write_csv
+from pipeline.metrics import usage_stats
+
+TOPIC = "memory_usage"
+SPLITS = ("test", "train")
+MOST_ITEMS_DRAWN = 40            # larger memories (MemAE: 2000 items) are drawn as their most used items only
+UNIFORM_COMPARISON = ("mnad-pred", "mnad-pred-uniform")
+
+
+def nearest_item_counts(loaded: LoadedRun, split: str, cap: int, batch_size: int) -> np.ndarray:
+    """Per-item count of queries whose nearest item it is, over `split` (a seeded sample of `cap` windows)."""
+    dataset = loaded.windows(split)
+    indices = seeded_subset(len(dataset), cap, loaded.run.seed)
+    counts = torch.zeros(loaded.variant.memory_items, dtype=torch.long)
+    for _, _, _, result in loaded.batches(dataset, indices, batch_size):
+        counts += torch.bincount(result.nearest.flatten().cpu(), minlength=loaded.variant.memory_items)
+    return counts.numpy()
+
+
+def usage_row(counts: np.ndarray, collapse_share: float) -> dict:
+    """The table's numbers for one histogram: pipeline.metrics.usage_stats plus the even-use ceiling log M."""
+    stats = usage_stats(counts, collapse_share)
+    stats["entropy"] += 0.0  # one item used: -(1 log 1) is -0.0, printed "-0.00"
+    return {"queries": int(counts.sum()), "items": len(counts), **stats, "max_entropy": math.log(len(counts)),
+            "top_item": int(np.argmax(counts))}
+
+
+def memory_usage(dataset: str, params: Params, runs_root: Path | None = None, data_root: Path | None = None,
+                 out_root: Path | None = None) -> pd.DataFrame:
+    figures, tables = output_dirs(TOPIC, dataset, out_root)
+    options = params.analysis
+    memory_variants = [v for v in params.study.variants if params.variant(v).has_memory]
+    runs = existing_runs(params, dataset, runs_root, memory_variants, needs=("checkpoint.pt",))
+
+    histograms: dict[tuple[str, int, str], np.ndarray] = {}
+    usage_rows, count_rows = [], []
+    for run in runs:
+        loaded = LoadedRun(run, data_root)
+        for split in SPLITS:
+            cap = 0 if split == "test" else options.usage_train_windows
+            counts = nearest_item_counts(loaded, split, cap, params.evaluate.batch_size)
+            histograms[run.variant, run.seed, split] = counts
+            usage_rows.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "split": split,
+                               **usage_row(counts, options.collapse_share)})
+            # only the items some query chose: MemAE's 2000 items would otherwise fill the table with zeros
+            total = max(int(counts.sum()), 1)
+            count_rows += [{"dataset": dataset, "variant": run.variant, "seed": run.seed, "split": split, "item": i,
+                            "count": int(counts[i]), "share": counts[i] / total} for i in np.flatnonzero(counts)]
+
+    usage = pd.DataFrame(usage_rows, columns=["dataset", "variant", "seed", "split", "queries", "items", "entropy",
+                                              "perplexity", "items_used", "top_share", "collapsed", "max_entropy",
+                                              "top_item"])
+    write_csv(tables / "usage.csv", usage)
+    write_csv(tables / "counts.csv", pd.DataFrame(count_rows, columns=["dataset", "variant", "seed", "split", "item",
+                                                                       "count", "share"]))
+
+    if usage.empty:
+        message = f"not run here: no trained memory variant on {dataset}"
+        plotting.placeholder(figures / "usage.png", message)
+        plotting.placeholder(figures / "pred_vs_uniform.png", message)
+        return usage
+    grouped = runs_by_variant(runs)
+    usage_figure(histograms, usage, list(grouped.values()), figures / "usage.png",
+                 f"{dataset}: nearest-item share per memory item (test bars, train outline)")
+    compared = [grouped.get(v, []) for v in UNIFORM_COMPARISON]
+    if all(compared):
+        usage_figure(histograms, usage, compared, figures / "pred_vs_uniform.png",
+                     f"{dataset}: {UNIFORM_COMPARISON[0]} vs {UNIFORM_COMPARISON[1]} (test shares)", by_column=True)
+    else:
+        plotting.placeholder(figures / "pred_vs_uniform.png",
+                             f"not run here: needs both {' and '.join(UNIFORM_COMPARISON)} on {dataset}")
+    return usage
+
+
+def usage_figure(histograms: dict, usage: pd.DataFrame, runs_grid: list[list], path: Path, title: str,
+                 by_column: bool = False) -> Path:
+    """One panel per run: rows are variants and columns seeds (or the transpose, for side-by-side variants)."""
+    lines, across = len(runs_grid), max(len(runs) for runs in runs_grid)
+    rows, cols = (across, lines) if by_column else (lines, across)
+    fig, axes = plotting.figure(rows, cols, panel=(3.0, 2.2))
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for line, runs in enumerate(runs_grid):
+        for position, run in enumerate(runs):
+            ax = axes[position, line] if by_column else axes[line, position]
+            ax.set_visible(True)
+            usage_panel(ax, histograms, usage, run.variant, run.seed)
+    fig.suptitle(title)
+    return plotting.save(fig, path)
+
+
+def usage_panel(ax, histograms: dict, usage: pd.DataFrame, variant: str, seed: int) -> None:
+    """Bars of each item's share of the queries (a common 0-1 scale, so a collapse is one full-height bar),
+    the top bar annotated; a collapsed memory gets a red title."""
+    def shares(split: str) -> np.ndarray:
+        counts = histograms[variant, seed, split]
+        return counts / max(counts.sum(), 1)
+
+    test, train = shares("test"), shares("train")
+    stats = usage[(usage["variant"] == variant) & (usage["seed"] == seed) & (usage["split"] == "test")].iloc[0]
+    if len(test) <= MOST_ITEMS_DRAWN:
+        order = np.arange(len(test))
+    else:
+        order = np.argsort(-test, kind="stable")[:MOST_ITEMS_DRAWN]
+    x = np.arange(len(order))
+    ax.bar(x, test[order], width=0.8, color="#2c7fb8", label="test")
+    if len(train):
+        ax.bar(x, train[order], width=0.8, fill=False, edgecolor="black", linewidth=0.6, label="train")
+    top = int(np.argmax(test[order]))
+    side = "left" if top < len(x) / 3 else "right" if top > 2 * len(x) / 3 else "center"  # stay inside the panel
+    ax.annotate(f"item {order[top]}: {test[order][top]:.0%}", (x[top], test[order][top]), xytext=(0, 2),
+                textcoords="offset points", ha=side, va="bottom", fontsize=7, fontweight="bold")
+    ax.set_ylim(0, 1.15)
+    ax.set_xticks(x if len(x) <= 20 else x[::5])
+    ax.set_xticklabels(order if len(x) <= 20 else order[::5])
+    ax.set_xlabel("memory item" + (f" ({len(order)} most used of {len(test)})" if len(order) < len(test) else ""))
+    ax.set_ylabel("share of queries")
+    collapsed = bool(stats["collapsed"])
+    ax.set_title(f"{variant} seed {seed}{'  COLLAPSED' if collapsed else ''}\n"
+                 f"entropy {stats['entropy']:.2f} of {stats['max_entropy']:.2f}, {int(stats['items_used'])} used",
+                 color=plotting.ALERT if collapsed else "black")
+    if collapsed:
+        ax.set_facecolor("#fdecea")
+
+
+main = stage_main(memory_usage, "memory usage per item (C5, C6)")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Every analysis stage on a tiny study: untrained models saved in the real checkpoint format over the `tiny`
+frames, and crafted scores.csv / metrics.json / roc.csv beside them (the real evaluate stage is tested elsewhere)."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from threadpoolctl import threadpool_limits
+
+from analysis import anomaly_types, comparisons, memory_usage, replacement, timelines, tsne
+from analysis.common import Run
+from analysis.inference import LoadedRun
+from models.build import build_model, split_clip
+from pipeline.checkpoint import frames_dir, run_config, run_dir, save_checkpoint
+from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.data import clip_dataset
+from pipeline.metrics import roc_points, summarise
+
+VARIANTS = ["ae-recon", "ae-pred", "mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform",
+            "mnad-recon-skip-sp25", "memae"]
+SEEDS = [0, 1]
+# How well each variant's crafted normality score separates normal from abnormal frames.
+QUALITY = {"ae-recon": 0.2, "ae-pred": 0.4, "mnad-recon": 0.5, "mnad-pred": 1.0, "mnad-pred-nosep": 0.9,
+           "mnad-pred-uniform": 0.9, "mnad-recon-skip-sp25": 0.6, "memae": 0.6, "copy-last": 0.3}
+
+
+def write_params(path, **analysis):
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    raw["study"] = {"datasets": ["tiny"], "variants": VARIANTS, "seeds": SEEDS}
+    raw["analysis"].update({"tsne_queries": 120, "tsne_perplexity": 10, "usage_train_windows": 8,
+                            "bootstrap_samples": 200, "replacement_examples": 2, "timeline_videos": 2, **analysis})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_params(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spin-waiting makes torch and
+    sklearn's t-SNE 30x slower with two threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(previous)
+
+
+def calibrate_batchnorm(model, variant, data_root):
+    """An untrained network in eval mode keeps unit running statistics, so its activations shrink layer by layer
+    and the output hardly depends on the input; one train-mode pass over a few clips sets them from data."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: one pass sets the statistics of that batch
+    train = clip_dataset(frames_dir("tiny", data_root), "train", variant)
+    clips = torch.stack([train[i]["clip"] for i in range(0, len(train), max(1, len(train) // 8))])
+    model.train()
+    with torch.no_grad():
+        model(split_clip(clips, variant)[0])
+    model.eval()
+
+
+def save_untrained(params, variant_name, seed, runs_root, data_root):
+    """A checkpoint exactly as pipeline.train writes it, of a model that was never trained."""
+    dataset, variant = params.dataset("tiny"), params.variant(variant_name)
+    torch.manual_seed(seed)
+    model = build_model(variant, dataset.profile)
+    calibrate_batchnorm(model, variant, data_root)
+    path = run_dir("tiny", variant_name, seed, runs_root) / "checkpoint.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": run_config(dataset, variant, seed), "epoch": 1})
+    return path
+
+
+def write_crafted_scores(params, variant_name, seed, data_root, runs_root):
+    """scores.csv, metrics.json and roc.csv in the evaluate stage's format, from a crafted normality score."""
+    variant = params.variant(variant_name)
+    windows = clip_dataset(frames_dir("tiny", data_root), "test", variant).windows
+    scores = windows[["video", "frame", "label", "anomaly_type"]].copy()
+    rng = np.random.default_rng(seed * 31 + len(variant_name))
+    normal = 1 - scores["label"].to_numpy()
+    score = np.clip(0.3 + QUALITY[variant_name] * 0.4 * normal + rng.normal(0, 0.15, len(scores)), 0, 1)
+    scores["psnr"] = 20 + 10 * score
+    scores["score"] = score
+    metrics = {"frames": len(scores), "videos": int(scores["video"].nunique()),
+               "without_update": {**summarise(scores, "score", 0), "mean_psnr": float(scores["psnr"].mean())}}
+    if variant.memory == "mnad":
+        scores["distance"] = 1 - score
+        scores["psnr_update"], scores["distance_update"], scores["score_update"] = scores["psnr"], 1 - score, score
+        metrics["with_update"] = {**summarise(scores, "score_update", 0), "mean_psnr": float(scores["psnr"].mean())}
+    out = run_dir("tiny", variant_name, seed, runs_root)
+    out.mkdir(parents=True, exist_ok=True)
+    scores.to_csv(out / "scores.csv", index=False)
+    roc_points(scores["label"].to_numpy(), score).to_csv(out / "roc.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture(scope="module")
+def study(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    params = write_params(root / "params.yaml")
+    runs_root = root / "runs"
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            save_untrained(params, variant, seed, runs_root, tiny_data)
+            write_crafted_scores(params, variant, seed, tiny_data, runs_root)
+    write_crafted_scores(params, "copy-last", 0, tiny_data, runs_root)
+    return {"params": params, "runs": runs_root, "data": tiny_data, "out": root / "analysis"}
+
+
+def roots(study):
+    return {"runs_root": study["runs"], "data_root": study["data"], "out_root": study["out"]}
+
+
+def test_memory_usage_writes_histograms_and_a_row_per_run_and_split(study):
+    usage = memory_usage.memory_usage("tiny", study["params"], **roots(study))
+    memory_variants = [v for v in VARIANTS if study["params"].variant(v).has_memory]
+    assert len(usage) == len(memory_variants) * len(SEEDS) * 2
+    table = pd.read_csv(study["out"] / "tables" / "memory_usage" / "tiny" / "usage.csv")
+    counts = pd.read_csv(study["out"] / "tables" / "memory_usage" / "tiny" / "counts.csv")
+    assert set(table["split"]) == {"test", "train"}
+    # the counts table lists each used item once and sums to the queries of each histogram
+    keyed = table.set_index(["variant", "seed", "split"]).sort_index()
+    summed = counts.groupby(["variant", "seed", "split"])["count"].agg(["sum", "size"])
+    assert (summed["sum"].values == keyed.loc[summed.index, "queries"].values).all()
+    assert (summed["size"].values == keyed.loc[summed.index, "items_used"].values).all()
+    assert (keyed.loc["memae", "items"] == 2000).all() and (keyed.loc["mnad-pred", "items"] == 10).all()
+    for name in ("usage.png", "pred_vs_uniform.png"):
+        assert (study["out"] / "figures" / "memory_usage" / "tiny" / name).stat().st_size > 1000
+
+
+def test_usage_numbers_on_crafted_counts():
+    collapsed = memory_usage.usage_row(np.array([0, 0, 57, 0, 0]), collapse_share=0.9)
+    assert collapsed["entropy"] == 0.0 and collapsed["items_used"] == 1 and collapsed["collapsed"] == 1
+    assert collapsed["top_item"] == 2 and collapsed["top_share"] == 1.0
+    even = memory_usage.usage_row(np.full(10, 7), collapse_share=0.9)
+    assert math.isclose(even["entropy"], math.log(10)) and math.isclose(even["entropy"], even["max_entropy"])
+    assert math.isclose(even["perplexity"], 10) and even["items_used"] == 10 and even["collapsed"] == 0
+
+
+def test_a_memory_that_every_query_picks_one_item_of_is_flagged_collapsed(study, tmp_path):
+    """Constant queries (the encoder's last conv zeroed to its bias) all pick one item: the stage must say so."""
+    params = write_params(tmp_path / "params.yaml")
+    runs_root = tmp_path / "runs"
+    for seed in SEEDS:
+        path = save_untrained(params, "mnad-pred", seed, runs_root, study["data"])
+        state = torch.load(path, weights_only=False)
+        last_conv = "encoder.block4.3"
+        state["model"][f"{last_conv}.weight"].zero_()
+        state["model"][f"{last_conv}.bias"].copy_(torch.linspace(-1, 1, state["model"][f"{last_conv}.bias"].numel()))
+        save_checkpoint(path, state)
+    usage = memory_usage.memory_usage("tiny", params, runs_root, study["data"], tmp_path / "analysis")
+    assert len(usage) == len(SEEDS) * 2  # only mnad-pred has a checkpoint here
+    assert (usage["entropy"] == 0).all() and (usage["items_used"] == 1).all() and (usage["collapsed"] == 1).all()
+    assert (usage["top_share"] == 1.0).all()
+
+
+def test_tsne_writes_embedding_silhouettes_and_the_figure(study):
+    silhouettes = tsne.tsne("tiny", study["params"], **roots(study))
+    assert sorted(silhouettes["variant"].unique()) == sorted(tsne.VARIANTS)
+    assert len(silhouettes) == len(tsne.VARIANTS) * len(SEEDS)
+    assert (silhouettes["queries"] == 120).all()
+    embedding = pd.read_csv(study["out"] / "tables" / "tsne" / "tiny" / "embedding.csv")
+    # one embedding per variant (its first seed), the 10 memory items embedded with the queries
+    assert (embedding[embedding["kind"] == "item"].groupby("variant").size() == 10).all()
+    assert (embedding.groupby("variant")["seed"].unique().map(len) == 1).all()
+    assert (study["out"] / "figures" / "tsne" / "tiny" / "tsne.png").exists()
+
+
+def test_silhouette_is_nan_with_one_item_and_high_for_separated_clusters():
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(40, 8))
+    assert math.isnan(tsne.silhouette(queries, np.zeros(40, dtype=int)))
+    centres = np.eye(8)[[0, 4]]
+    clustered = np.concatenate([centre + 0.01 * rng.normal(size=(20, 8)) for centre in centres])
+    assert tsne.silhouette(clustered, np.repeat([0, 1], 20)) > 0.9
+
+
+def test_the_tsne_subsample_is_fixed_by_the_seed(study):
+    params = study["params"]
+    run = Run("tiny", "mnad-pred", 0, run_dir("tiny", "mnad-pred", 0, study["runs"]))
+    first = tsne.sample_queries(LoadedRun(run, study["data"]), 50, 16)
+    again = tsne.sample_queries(LoadedRun(run, study["data"]), 50, params.evaluate.batch_size)
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+
+
+def test_replacement_table_covers_every_part_and_fill_and_writes_examples(study):
+    table = replacement.replacement("tiny", study["params"], **roots(study))
+    assert set(table["variant"]) == set(study["params"].analysis.replacement_variants)
+    per_run = table.groupby(["variant", "seed"]).size()
+    assert (per_run == 1 + 9).all()  # normal + 3 parts x 3 fills
+    replaced = table[table["part"] != "none"]
+    assert replaced["psnr_to_normal"].notna().all() and table[table["part"] == "none"]["psnr_to_normal"].isna().all()
+    assert table["auc_psnr"].between(0, 1).all() and table["auc_score"].between(0, 1).all()
+    figures = study["out"] / "figures" / "replacement" / "tiny"
+    assert (figures / "psnr_to_normal.png").exists()
+    for variant in study["params"].analysis.replacement_variants:
+        assert (figures / f"examples_{variant}.png").exists()
+
+
+def test_replacement_really_reaches_the_decoder_and_changes_a_skipless_output(study):
+    run = Run("tiny", "mnad-recon", 0, run_dir("tiny", "mnad-recon", 0, study["runs"]))
+    loaded = LoadedRun(run, study["data"])
+    assert not loaded.variant.skips
+    seen = []
+    handle = loaded.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        series, _, _ = replacement.replaced_outputs(loaded, batch_size=80, examples=np.array([0]))
+    finally:
+        handle.remove()
+    channels = loaded.model.encoder.out_channels
+    normal, *replaced = seen  # one batch: the normal pass, then the replacements in order
+    order = replacement.replacements(has_memory=True)
+    by_setting = dict(zip(order, replaced))
+    assert torch.all(by_setting["query", "zeros"][:, :channels] == 0)
+    assert torch.equal(by_setting["query", "zeros"][:, channels:], normal[:, channels:])  # the read is untouched
+    assert torch.all(by_setting["read", "ones"][:, channels:] == 1)
+    assert torch.equal(by_setting["read", "ones"][:, :channels], normal[:, :channels])
+    assert torch.all(by_setting["both", "zeros"] == 0)
+    random = by_setting["both", "random"]
+    assert not torch.equal(random, normal) and abs(float(random.std()) - 1.0) < 0.2
+    for setting in order:  # without skips, every replacement changes the output (identical outputs give 100 dB)
+        assert series[setting]["to_normal"].max() < 100.0, setting
+
+
+def test_anomaly_types_tabulates_per_type_auc_and_draws_examples(study):
+    table = anomaly_types.anomaly_types("tiny", study["params"], **roots(study))
+    headline = table[table["headline"]]
+    assert set(headline["anomaly_type"]) == {"spatial", "temporal", "spatio_temporal"}
+    assert "copy-last" in set(headline["variant"])
+    # one headline value per (run, type); MNAD-memory variants also list the with-update block
+    assert (headline.groupby(["variant", "seed", "anomaly_type"]).size() == 1).all()
+    assert set(table[table["variant"] == "mnad-pred"]["scoring"]) == {"without_update", "with_update"}
+    figures = study["out"] / "figures" / "anomaly_types" / "tiny"
+    assert (figures / "per_type_auc.png").stat().st_size > 1000 and (figures / "examples.png").stat().st_size > 1000
+
+
+def test_event_frames_picks_the_middle_of_the_first_event_of_each_type():
+    labels = pd.DataFrame({"split": "test", "video": "00", "frame": range(30),
+                           "label": [0] * 5 + [1] * 5 + [0] * 5 + [1] * 4 + [0] * 11,
+                           "anomaly_type": [""] * 5 + ["temporal"] * 5 + [""] * 5 + ["spatial"] * 4 + [""] * 11})
+    assert anomaly_types.event_frames(labels, skip=4) == {"temporal": ("00", 7), "spatial": ("00", 17)}
+    assert anomaly_types.event_frames(labels, skip=16) == {"spatial": ("00", 17)}
+
+
+def test_timelines_and_roc(study):
+    aucs = timelines.timelines("tiny", study["params"], study["runs"], study["out"])
+    assert set(aucs["variant"]) == set(VARIANTS) | {"copy-last"}
+    videos = pd.read_csv(study["out"] / "tables" / "timelines" / "tiny" / "videos.csv", dtype={"video": str})
+    assert videos["shown"].sum() == 2
+    for name in ("timelines.png", "roc.png"):
+        assert (study["out"] / "figures" / "timelines" / "tiny" / name).stat().st_size > 1000
+
+
+def test_comparisons_table_and_figure(study):
+    table = comparisons.compare("tiny", study["params"], study["runs"], study["out"])
+    c1 = table[(table["claim"] == "C1") & (table["comparison"] == "mnad-pred − ae-pred")].iloc[0]
+    assert c1["verdict"] == "holds" and c1["low"] > 0 and c1["seeds"] == "2 / 2"
+    c2_floor = table[(table["claim"] == "C2") & (table["role"] == "context")].iloc[0]
+    assert c2_floor["seeds"] == "2 / 1"  # copy-last has one seed
+    c8 = table[table["claim"] == "C8"]
+    assert len(c8) == 2  # the one skip variant of this study, against recon and against pred
+    assert (study["out"] / "figures" / "comparisons" / "tiny" / "differences.png").exists()
+
+
+def test_an_analysis_of_a_dataset_without_runs_writes_placeholders(study, tmp_path):
+    usage = memory_usage.memory_usage("tiny", study["params"], tmp_path / "no-runs", study["data"], tmp_path)
+    assert usage.empty
+    assert (tmp_path / "figures" / "memory_usage" / "tiny" / "usage.png").exists()
+    assert pd.read_csv(tmp_path / "tables" / "memory_usage" / "tiny" / "usage.csv").empty
+    table = comparisons.compare("tiny", study["params"], tmp_path / "no-runs", tmp_path)
+    assert (table["verdict"] == "not run here").all()

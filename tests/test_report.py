@@ -1,0 +1,163 @@
+"""The report stage on crafted metrics files and analysis tables: table rows, verdicts, and "not run here"."""
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import comparisons
+from analysis.report import write_report
+from pipeline.checkpoint import run_dir
+from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.metrics import roc_points, summarise
+
+VARIANTS = ["ae-pred", "mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform"]
+SEEDS = [0, 1]
+# Normal frames score this much higher than abnormal ones (noise sd 1): mnad-pred clearly beats ae-pred and
+# mnad-recon; the uniform variant is clearly worse than mnad-pred.
+SEPARATION = {"ae-pred": 0.2, "mnad-recon": 0.6, "mnad-pred": 2.5, "mnad-pred-nosep": 2.0,
+              "mnad-pred-uniform": 0.2, "copy-last": 0.4}
+RAN = ["tiny", "synthetic-scenes"]
+
+
+def crafted_run(runs_root, dataset, variant, seed, memory):
+    """scores.csv / metrics.json / roc.csv as the evaluate stage writes them, for 8 videos of 60 frames."""
+    rng = np.random.default_rng(100 * seed + len(variant))
+    videos = np.repeat([f"{v:02d}" for v in range(8)], 60)
+    frame = np.tile(np.arange(60), 8)
+    labels = ((frame % 20) >= 14).astype(int)
+    types = np.where(labels == 1, np.array(["spatial", "temporal", "spatio_temporal"])[(frame // 20) % 3], "")
+    score = rng.normal(0, 1, len(labels)) + SEPARATION[variant] * (1 - labels)
+    scores = pd.DataFrame({"video": videos, "frame": frame, "label": labels, "anomaly_type": types,
+                           "psnr": 30 + score, "score": score})
+    metrics = {"frames": len(scores), "videos": 8,
+               "without_update": {**summarise(scores, "score", 0), "mean_psnr": float(scores["psnr"].mean())}}
+    if memory:  # the test-time update changes nothing here: C3 must come out inconclusive
+        scores["distance"] = -score
+        scores["psnr_update"], scores["distance_update"], scores["score_update"] = scores["psnr"], -score, score
+        metrics["with_update"] = {**summarise(scores, "score_update", 1), "mean_psnr": float(scores["psnr"].mean())}
+    out = run_dir(dataset, variant, seed, runs_root)
+    out.mkdir(parents=True)
+    scores.to_csv(out / "scores.csv", index=False)
+    roc_points(labels, score).to_csv(out / "roc.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def write_table(root, topic, dataset, name, rows):
+    path = root / "tables" / topic / dataset / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    raw["study"] = {"datasets": [*RAN, "synthetic"], "variants": VARIANTS, "seeds": SEEDS}  # synthetic: no runs
+    raw["analysis"]["bootstrap_samples"] = 300
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    runs_root, analysis_root = root / "runs", root / "analysis"
+    for dataset in RAN:
+        for variant in VARIANTS:
+            for seed in SEEDS:
+                crafted_run(runs_root, dataset, variant, seed, params.variant(variant).has_memory)
+        crafted_run(runs_root, dataset, "copy-last", 0, memory=False)
+        comparisons.compare(dataset, params, runs_root, analysis_root)
+    # synthetic-scenes: every plain MNAD memory collapsed; a stale row of a seed outside the study must be ignored
+    write_table(analysis_root, "memory_usage", "synthetic-scenes", "usage.csv", [
+        {"dataset": "synthetic-scenes", "variant": v, "seed": s, "split": "test", "queries": 100, "items": 10,
+         "entropy": 0.0 if v != "mnad-pred-uniform" else 2.2, "perplexity": 1.0 if v != "mnad-pred-uniform" else 9.0,
+         "items_used": 1, "top_share": 1.0, "collapsed": int(v != "mnad-pred-uniform"), "max_entropy": np.log(10),
+         "top_item": 3} for v in ("mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform") for s in SEEDS]
+        + [{"dataset": "synthetic-scenes", "variant": "mnad-pred", "seed": 7, "split": "test", "queries": 100,
+            "items": 10, "entropy": 2.3, "perplexity": 10.0, "items_used": 10, "top_share": 0.1, "collapsed": 0,
+            "max_entropy": np.log(10), "top_item": 3}])
+    write_table(analysis_root, "tsne", "tiny", "silhouette.csv", [
+        {"dataset": "tiny", "variant": v, "seed": s, "queries": 100, "items_used": 10, "silhouette": value + 0.01 * s}
+        for v, value in (("mnad-pred", 0.4), ("mnad-pred-nosep", 0.1)) for s in SEEDS])
+    write_table(analysis_root, "replacement", "tiny", "replacement.csv", [
+        {"dataset": "tiny", "variant": v, "seed": s, "skips": skips, "task": "predict", "part": part, "fill": fill,
+         "auc_psnr": 0.9, "auc_score": 0.9, "psnr_to_target": 25.0,
+         "psnr_to_normal": np.nan if part == "none" else (38.0 if skips else 12.0)}
+        for v, skips in (("mnad-pred", True), ("mnad-recon", False)) for s in SEEDS
+        for part, fill in [("none", "none"), ("query", "zeros"), ("read", "ones"), ("both", "random")]])
+    path = root / "REPORT.md"
+    text = write_report(params, runs_root, analysis_root, path)
+    return {"text": text, "path": path, "root": root}
+
+
+def claim_cells(text, claim):
+    row = next(line for line in text.splitlines() if line.startswith(f"| {claim} |"))
+    cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+    return cells[3], cells[4]  # evidence, verdict
+
+
+def test_the_report_is_written_to_its_path(report):
+    assert report["path"].read_text() == report["text"]
+    assert not list(report["root"].glob(".REPORT.md.*"))  # no temporary file left behind
+
+
+def test_results_tables_carry_every_variant_and_the_copy_last_floor(report):
+    text = report["text"]
+    for dataset in RAN:
+        section = text.split(f"### {dataset}\n")[1].split("###")[0]
+        for variant in [*VARIANTS, "copy-last"]:
+            assert re.search(rf"^\| `{variant}` \| {1 if variant == 'copy-last' else 2} \| \d", section, re.M), variant
+        pred_row = next(line for line in section.splitlines() if line.startswith("| `mnad-pred` |"))
+        assert " ± " in pred_row and "0 / 2" in pred_row  # 2 seeds x 1 degenerate video with update
+    assert "| `ae-recon` |" not in text  # not in this study
+
+
+def test_datasets_that_did_not_run_are_marked_not_run(report):
+    text = report["text"]
+    assert "not run here: no evaluated run of synthetic was found" in text
+    assert "not run here: ped2 is not in this study" in text
+    assert "`mnad-pred` 97.0" in text and "`mnad-pred` 96.34 (RC2020)" in text  # reported numbers beside it
+    _, verdict = claim_cells(text, "C1")
+    assert "ped2, avenue, shanghaitech: not run here" in verdict and "synthetic: not run here" in verdict
+
+
+def test_verdicts_follow_the_bootstrap_intervals(report):
+    text = report["text"]
+    evidence, verdict = claim_cells(text, "C1")
+    assert "tiny: **holds**" in verdict and "synthetic-scenes: **holds**" in verdict
+    assert "`mnad-recon − ae-recon`: not run here (ae-recon not in this study)" in evidence
+    assert re.search(r"`mnad-pred − ae-pred`: \+\d+\.\d pts, 95% CI \[\+\d+\.\d, \+\d+\.\d\]", evidence)
+    assert "tiny: **holds**" in claim_cells(text, "C2")[1]
+    assert "tiny: inconclusive" in claim_cells(text, "C3")[1]  # the update changed nothing
+    assert "tiny: **does not hold**" in claim_cells(text, "C6")[1]  # the uniform variant is clearly worse
+    assert "[differences](analysis/figures/comparisons/tiny/differences.png)" in evidence
+
+
+def test_verdicts_from_the_analysis_tables(report):
+    text = report["text"]
+    evidence, verdict = claim_cells(text, "C5")
+    assert "synthetic-scenes: **holds**" in verdict and "6 of 6 runs collapsed" in evidence  # seed 7 ignored
+    assert "tiny: memory usage not run here" in evidence.replace("*", "")
+    assert "tiny: **holds**" in claim_cells(text, "C9")[1]
+    assert "synthetic-scenes: not run here" in claim_cells(text, "C9")[1]
+    assert "tiny: **holds**" in claim_cells(text, "C4")[1]
+    # C7 is about anomaly types, recorded by synthetic data only: the real datasets are not listed
+    assert "ped2" not in claim_cells(text, "C7")[1]
+
+
+def test_the_protocol_names_the_options_used(report):
+    text = report["text"]
+    assert "`evaluate.nan_policy`: safe" in text and "`update_norm`: official" in text
+    assert re.search(r"\| mnad-pred \| predict \| mnad \| yes \| 0\.6·g\(PSNR\) .* \| 4 / 0 \|", text)
+    assert "300 resamples, seed 0" in text
+
+
+def test_a_study_with_no_runs_claims_nothing(tmp_path):
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    raw["study"]["datasets"] = ["tiny"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    text = write_report(load_params(tmp_path / "params.yaml"), tmp_path / "runs", tmp_path / "analysis",
+                        tmp_path / "REPORT.md")
+    claims = text.split("## Claims")[1].split("## Paired")[0]
+    assert "holds" not in claims and "inconclusive" not in claims
+    assert claims.count("not run here") >= 10
+    assert "0 of 31 evaluated runs found" in text
