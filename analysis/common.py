@@ -47,9 +47,10 @@ class Run:
         return pd.read_csv(self.path / "roc.csv")
 
 
-def study_variants(params: Params) -> list[str]:
-    """The study's variants in params order, then the copy-last floor (evaluated for every dataset)."""
-    variants = list(params.study.variants)
+def study_variants(params: Params, dataset: str | None = None) -> list[str]:
+    """The study's variants (of one dataset, or of any) in params order, then the copy-last floor (evaluated for
+    every dataset)."""
+    variants = list(params.study.variants_for(dataset) if dataset else params.study.all_variants)
     if BASELINE in params.variants and BASELINE not in variants:
         variants.append(BASELINE)
     return variants
@@ -66,7 +67,8 @@ def existing_runs(params: Params, dataset: str, runs_root: Path | None = None,
 
     Only the study's variants and seeds count: a folder left from an earlier study is not a result of this one.
     """
-    chosen = study_variants(params) if variants is None else [v for v in variants if v in study_variants(params)]
+    in_study = study_variants(params, dataset)
+    chosen = in_study if variants is None else [v for v in variants if v in in_study]
     runs = []
     for variant in chosen:
         for seed in variant_seeds(params, variant):
@@ -126,11 +128,11 @@ def stage_main(analyse: Callable[..., object], description: str) -> Callable[[li
     @exit_cleanly
     def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(description=description)
-        parser.add_argument("--dataset", action="append", help="dataset to analyse (default: study.datasets)")
+        parser.add_argument("--dataset", action="append", help="dataset to analyse (default: all of the study's)")
         parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
         args = parser.parse_args(argv)
         params = load_params(args.params)
-        for dataset in args.dataset or params.study.datasets:
+        for dataset in args.dataset or params.study.all_datasets:
             params.dataset(dataset)  # a clear error for an unknown name
             analyse(dataset, params)
             print(f"{description}: {dataset} done")

@@ -61,7 +61,7 @@ class Comparison:
 def claim_comparisons(params: Params) -> list[Comparison]:
     """The comparisons of every claim, in claim order, over the variants this study defines."""
     with_update, without = "with_update", "without_update"
-    skip_variants = [v for v in params.study.variants if params.variant(v).family == "mnad"
+    skip_variants = [v for v in params.study.all_variants if params.variant(v).family == "mnad"
                      and params.variant(v).task == "reconstruct" and params.variant(v).skips]
     pred, recon = Side("mnad-pred"), Side("mnad-recon")
     comparisons = [
@@ -103,7 +103,7 @@ class ScoreSource:
         """(one SeedScores per seed, "" or why there are none)."""
         runs = self.runs(side.variant)
         if not runs:
-            in_study = side.variant in study_variants(self.params)
+            in_study = side.variant in study_variants(self.params, self.dataset)
             return [], f"{side.variant} {'not run' if in_study else 'not in this study'}"
         seeds = []
         for metrics, scores in runs:

@@ -51,7 +51,7 @@ def memory_usage(dataset: str, params: Params, runs_root: Path | None = None, da
                  out_root: Path | None = None) -> pd.DataFrame:
     figures, tables = output_dirs(TOPIC, dataset, out_root)
     options = params.analysis
-    memory_variants = [v for v in params.study.variants if params.variant(v).has_memory]
+    memory_variants = [v for v in params.study.variants_for(dataset) if params.variant(v).has_memory]
     runs = existing_runs(params, dataset, runs_root, memory_variants, needs=("checkpoint.pt",))
 
     histograms: dict[tuple[str, int, str], np.ndarray] = {}

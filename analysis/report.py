@@ -153,7 +153,7 @@ class Results:
     metrics: dict[str, dict[str, list[tuple[int, dict]]]] = field(default_factory=dict)
 
     def __post_init__(self):
-        for dataset in self.params.study.datasets:
+        for dataset in self.params.study.all_datasets:
             by_variant: dict[str, list[tuple[int, dict]]] = {}
             for run in existing_runs(self.params, dataset, self.runs_root):
                 by_variant.setdefault(run.variant, []).append((run.seed, run.metrics()))
@@ -162,13 +162,14 @@ class Results:
     @property
     def datasets(self) -> list[str]:
         """The study's datasets, then the papers' datasets it does not include (shown as not run here)."""
-        return list(self.params.study.datasets) + [d for d in PAPER_DATASETS if d not in self.params.study.datasets]
+        study = self.params.study.all_datasets
+        return list(study) + [d for d in PAPER_DATASETS if d not in study]
 
     def ran(self, dataset: str) -> bool:
         return bool(self.metrics.get(dataset))
 
     def why_not_run(self, dataset: str) -> str:
-        if dataset not in self.params.study.datasets:
+        if dataset not in self.params.study.all_datasets:
             how = "prepare its archives (docs/datasets.md) and add it to study.datasets" \
                 if dataset in REAL_KINDS else "add it to study.datasets"
             return f"not run here: {dataset} is not in this study; to run it, {how}"
@@ -300,7 +301,7 @@ def assess_replacement(results: Results, dataset: str, claim: str) -> Assessment
 
 def collapse_variants(params: Params) -> list[str]:
     """MNAD-memory variants trained without the uniform-usage loss: the ones C5 is about."""
-    return [v for v in params.study.variants
+    return [v for v in params.study.all_variants
             if params.variant(v).memory == "mnad" and not params.variant(v).uniform_weight]
 
 
@@ -417,13 +418,14 @@ def assess_all(results: Results) -> dict[str, dict[str, Assessment]]:
 
 def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]]) -> str:
     params = results.params
-    expected = sum(len(params.study.seeds) if params.variant(v).trainable else 1 for v in study_variants(params))
     lines = ["## Summary", ""]
-    for dataset in params.study.datasets:
+    for dataset in params.study.all_datasets:
+        variants = study_variants(params, dataset)
+        expected = sum(len(params.study.seeds) if params.variant(v).trainable else 1 for v in variants)
         found = sum(len(runs) for runs in results.metrics.get(dataset, {}).values())
         lines.append(f"- **{dataset}**: {found} of {expected} evaluated runs found "
-                     f"({len(params.study.variants)} variants × {len(params.study.seeds)} seeds + copy-last).")
-    missing = [d for d in results.datasets if d not in params.study.datasets]
+                     f"({len(variants) - 1} variants × {len(params.study.seeds)} seeds + copy-last).")
+    missing = [d for d in results.datasets if d not in params.study.all_datasets]
     if missing:
         lines.append(f"- Not run here: {', '.join(missing)} (not in study.datasets; see docs/datasets.md).")
     counts: dict[str, list[str]] = {}
@@ -509,7 +511,7 @@ def known_differences(params: Params) -> list[list[str]]:
     def memae(v):
         return v.family == "memae"
 
-    profiles = sorted({params.dataset(d).profile_name for d in params.study.datasets if d in params.datasets})
+    profiles = sorted({params.dataset(d).profile_name for d in params.study.all_datasets if d in params.datasets})
     profile_text = "; ".join(f"{p}: lr {params.profiles[p].lr:g}, batch {params.profiles[p].batch_size}"
                              for p in profiles)
     recon = [v for v in study_variants(params) if params.variant(v).task == "reconstruct"
@@ -595,7 +597,7 @@ def claims_section(results: Results, assessed: dict[str, dict[str, Assessment]])
         evidence, verdicts, not_run = [], [], {}
         for dataset, assessment in assessed[claim.id].items():
             if not results.ran(dataset):
-                reason = "not in this study" if dataset not in results.params.study.datasets else "no evaluated runs"
+                reason = "not in this study" if dataset not in results.params.study.all_datasets else "no evaluated runs"
                 not_run.setdefault(reason, []).append(dataset)
                 continue
             evidence.append(f"*{dataset}*: " + "; ".join(assessment.lines))
@@ -611,7 +613,7 @@ def claims_section(results: Results, assessed: dict[str, dict[str, Assessment]])
 
 def comparisons_section(results: Results) -> str:
     rows = []
-    for dataset in results.params.study.datasets:
+    for dataset in results.params.study.all_datasets:
         frame = results.analysis_table("comparisons", dataset, "comparisons.csv")
         if frame is None:
             continue

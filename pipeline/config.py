@@ -197,7 +197,24 @@ class Variant:
 class Study:
     datasets: tuple[str, ...]
     variants: tuple[str, ...]
+    collapse_datasets: tuple[str, ...]
+    collapse_variants: tuple[str, ...]
     seeds: tuple[int, ...]
+
+    @property
+    def all_datasets(self) -> tuple[str, ...]:
+        """Every dataset of the study: prepared, evaluated with copy-last, analysed."""
+        return self.datasets + tuple(d for d in self.collapse_datasets if d not in self.datasets)
+
+    def variants_for(self, dataset: str) -> tuple[str, ...]:
+        """The trained variants of one dataset (all of them, or the collapse study's)."""
+        if dataset in self.datasets:
+            return self.variants
+        return self.collapse_variants if dataset in self.collapse_datasets else ()
+
+    @property
+    def all_variants(self) -> tuple[str, ...]:
+        return self.variants + tuple(v for v in self.collapse_variants if v not in self.variants)
 
 
 @dataclass(frozen=True)
@@ -396,12 +413,17 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                                 extra={"name": name})
 
     study = _build(Study, _section(raw, "study"), "study")
-    for d in study.datasets:
-        _check(d in datasets, "study.datasets", f"unknown dataset {d!r}; valid: {sorted(datasets)}")
-    for v in study.variants:
-        _check(v in variants, "study.variants", f"unknown variant {v!r}; valid: {sorted(variants)}")
-        _check(variants[v].trainable, "study.variants",
-               f"{v!r} has nothing to train; it is evaluated by the evaluate_baseline stage for every dataset")
+    for key in ("datasets", "collapse_datasets"):
+        for d in getattr(study, key):
+            _check(d in datasets, f"study.{key}", f"unknown dataset {d!r}; valid: {sorted(datasets)}")
+    both = sorted(set(study.datasets) & set(study.collapse_datasets))
+    _check(not both, "study.collapse_datasets",
+           f"{both[0] if both else ''!r} is also in study.datasets; list each dataset in one of the two")
+    for key in ("variants", "collapse_variants"):
+        for v in getattr(study, key):
+            _check(v in variants, f"study.{key}", f"unknown variant {v!r}; valid: {sorted(variants)}")
+            _check(variants[v].trainable, f"study.{key}",
+                   f"{v!r} has nothing to train; it is evaluated by the evaluate_baseline stage for every dataset")
     _check(len(study.seeds) >= 1, "study.seeds", "list at least one seed")
 
     evaluate = _build(Evaluate, _section(raw, "evaluate"), "evaluate")

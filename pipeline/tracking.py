@@ -14,6 +14,9 @@ from typing import Any, Mapping
 from pipeline.config import REPO_ROOT
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow 3 reports usage to a remote host by default; a reproducibility harness sends nothing anywhere.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 

@@ -4,6 +4,10 @@ import os
 import pytest
 import torch
 
+# No test talks to any host but 127.0.0.1: MLflow's usage telemetry stays off in this process and its children.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+
 # Two torch threads on a 2-core CI machine mostly wait on each other; one thread is faster and steadier here.
 torch.set_num_threads(1)
 

@@ -29,7 +29,8 @@ QUALITY = {"ae-recon": 0.2, "ae-pred": 0.4, "mnad-recon": 0.5, "mnad-pred": 1.0,
 
 def write_params(path, **analysis):
     raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["study"] = {"datasets": ["tiny"], "variants": VARIANTS, "seeds": SEEDS}
+    raw["study"] = {"datasets": ["tiny"], "variants": VARIANTS, "collapse_datasets": [], "collapse_variants": [],
+                    "seeds": SEEDS}
     raw["analysis"].update({"tsne_queries": 120, "tsne_perplexity": 10, "usage_train_windows": 8,
                             "bootstrap_samples": 200, "replacement_examples": 2, "timeline_videos": 2, **analysis})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -200,4 +200,4 @@ def test_params_yaml_lists_the_real_datasets(name):
     assert dataset.extract_workers == 4
     listed = [(a.name, a.urls, a.sha256, a.local_path) for a in dataset.sources["raw"]]
     assert listed == [(file, (url,), sha, None) for file, url, sha in REAL_SOURCES[name]]
-    assert name not in params.study.datasets  # the default study stays synthetic
+    assert name not in params.study.all_datasets  # the default study stays synthetic

@@ -31,6 +31,7 @@ def repro(tmp_path_factory):
         shutil.copy2(REPO_ROOT / name, work / name)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["study"]["datasets"] = ["tiny"]
+    params["study"]["collapse_datasets"] = []  # the *_collapse twins are the same definitions (see below)
     params["study"]["seeds"] = [0]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
@@ -43,6 +44,23 @@ def repro(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     print(f"dvc repro on the tiny profile: {time.perf_counter() - started:.0f} s")
     return work, env
+
+
+def test_collapse_stages_are_the_same_stages_over_the_collapse_study():
+    """The default dvc.yaml expands the *_collapse twins over study.collapse_datasets x collapse_variants."""
+    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    study = load_params().study
+    for dataset in study.collapse_datasets:
+        assert f"prepare_collapse@{dataset}" in listed and f"report" in listed
+        for variant in study.collapse_variants:
+            for seed in study.seeds:
+                assert f"train_collapse@{dataset}-{variant}-{seed}" in listed
+                assert f"evaluate_collapse@{dataset}-{variant}-{seed}" in listed
+    trained = [name for name in listed if name.startswith("train")]
+    expected = len(study.seeds) * (len(study.datasets) * len(study.variants)
+                                   + len(study.collapse_datasets) * len(study.collapse_variants))
+    assert len(trained) == expected
 
 
 def test_repro_writes_metrics_for_every_variant(repro):
