@@ -57,7 +57,7 @@ def score_batched(model, dataset: ClipDataset, variant: Variant, batch_size: int
 def score_with_update(model, dataset: ClipDataset, variant: Variant, device) -> dict[str, np.ndarray]:
     """Frame by frame in video order: each frame is scored with the memory as it stands, then (if its error is
     under the threshold) updates it. The memory persists across all test videos, as in MNAD."""
-    parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": []}
+    parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": [], "memory_updated": []}
     loader = DataLoader(dataset, batch_size=1, shuffle=False)
     for batch in tqdm(loader, desc="evaluate (test-time update)", leave=False, mininterval=2.0):
         inputs, target = split_clip(batch["clip"], variant)
@@ -65,7 +65,8 @@ def score_with_update(model, dataset: ClipDataset, variant: Variant, device) -> 
         result = model(inputs)
         parts["psnr"].append(frame_errors(result.output, target, variant.family)["psnr"])
         parts["distance"].append(result.distance.double().cpu().numpy())
-        model.test_time_update(result, target, variant.test_threshold)
+        updated = model.test_time_update(result, target, variant.test_threshold)
+        parts["memory_updated"].append(updated.cpu().numpy().astype(np.int8))
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
@@ -74,7 +75,7 @@ def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Vari
     """Add the series and the normality score columns to `frame`; returns the degenerate video count."""
     videos = frame["video"].to_numpy()
     for key, value in series.items():
-        frame[key + suffix] = value
+        frame[key if key == "memory_updated" else key + suffix] = value
     if variant.family == "memae":
         score, degenerate = regularity_score(series["error"], videos, nan_policy)
     else:
@@ -110,6 +111,8 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
         degenerate = add_scores(scores, series, variant, options.nan_policy, suffix="_update")
         metrics["with_update"] = summarise(scores, "score_update", degenerate)
         metrics["with_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
+        # How many frames were under the threshold and wrote into the memory: 0 means "with" equals "without".
+        metrics["with_update"]["updated_frames"] = int(series["memory_updated"].sum())
 
     headline = "with_update" if "with_update" in metrics else "without_update"
     score_column = "score_update" if headline == "with_update" else "score"

@@ -52,8 +52,9 @@ def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, t
     assert 0.0 <= metrics["with_update"]["auc_micro"] <= 1.0
     scores = pd.read_csv(tmp_path / "a" / "tiny" / "mnad-recon" / "seed1" / "scores.csv", keep_default_na=False)
     assert list(scores.columns) == ["video", "frame", "label", "anomaly_type", "psnr", "distance", "score",
-                                    "psnr_update", "distance_update", "score_update"]
+                                    "psnr_update", "distance_update", "memory_updated", "score_update"]
     assert len(scores) == metrics["frames"]
+    assert metrics["with_update"]["updated_frames"] == scores["memory_updated"].sum()
 
     client = _client()
     experiment = client.get_experiment_by_name("tiny")
