@@ -1,6 +1,7 @@
 """`dvc repro` in a temporary copy of the repository on the tiny profile, then the MLflow UI over its store."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -126,3 +127,20 @@ def test_mlflow_ui_serves_the_runs(repro):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_dvc_exp_run_with_a_changed_option(repro):
+    """`dvc exp run -S key=value` reruns what depends on the key and records the experiment (runs last: it changes
+    the copy's workspace)."""
+    work, env = repro
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "results of the first repro"]):
+        subprocess.run(command, cwd=work, check=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "analysis.timeline_videos=1"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running stage 'timelines@tiny'" in result.stdout
+    assert "Running stage 'train@" not in result.stdout  # nothing that does not read the key reruns
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert re.search(r'"timeline_videos":\s*1\b', shown), shown[:2000]
+
