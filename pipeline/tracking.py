@@ -5,9 +5,12 @@ re-run updates the run instead of adding a duplicate. DVC outputs never depend o
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,8 +29,6 @@ def tracking_uri() -> str:
 
 
 def _client():
-    import logging
-
     from mlflow.tracking import MlflowClient
 
     # alembic prints every schema migration at INFO when a new store is created; that is noise in a stage log
@@ -100,13 +101,9 @@ class Run:
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        import math
-
         from mlflow.entities import Metric
 
-        from time import time
-
-        now = int(time() * 1000)
+        now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and not (isinstance(v, float) and math.isnan(v))]
         self.client.log_batch(self.run_id, metrics=batch)
