@@ -23,6 +23,7 @@ from analysis.inference import LoadedRun, psnr
 from pipeline.checkpoint import frames_dir
 from pipeline.config import ANOMALY_TYPES, Params
 from pipeline.data import read_labels
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 
 TOPIC = "anomaly_types"
@@ -155,4 +156,4 @@ def examples_figure(dataset: str, params: Params, runs_root: Path | None, data_r
 main = stage_main(anomaly_types, "per-anomaly-type AUC and example events (C7)")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

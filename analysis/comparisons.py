@@ -21,6 +21,7 @@ from analysis.bootstrap import NOT_RUN, SeedScores, Term, paired_bootstrap
 from analysis.common import (BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, output_dirs, stage_main,
                              study_variants)
 from pipeline.config import Params
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 
 TOPIC = "comparisons"
@@ -179,4 +180,4 @@ def differences_figure(table: pd.DataFrame, path: Path, dataset: str) -> Path:
 main = stage_main(compare, "paired-bootstrap comparisons behind the claims")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -26,18 +26,23 @@ class LoadedRun:
     def windows(self, split: str) -> ClipDataset:
         return clip_dataset(self.frames, split, self.variant)
 
-    @torch.no_grad()
-    def batches(self, dataset: ClipDataset, indices: Sequence[int] | None = None, batch_size: int = 16,
-                **forward_options) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, object]]:
-        """Yield (window indices, inputs, target, model output) over `indices` (default: every window), in order,
-        with the memory frozen (no test-time update)."""
+    def clips(self, dataset: ClipDataset, indices: Sequence[int] | None = None,
+              batch_size: int = 16) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """Yield (window indices, inputs, target) over `indices` (default: every window), in order, on the device."""
         chosen = Subset(dataset, list(indices)) if indices is not None else dataset
         from models.build import split_clip
 
         for batch in DataLoader(chosen, batch_size=batch_size, shuffle=False):
             inputs, target = split_clip(batch["clip"], self.variant)
-            inputs, target = inputs.to(self.device), target.to(self.device)
-            yield batch["index"].numpy(), inputs, target, self.model(inputs, **forward_options)
+            yield batch["index"].numpy(), inputs.to(self.device), target.to(self.device)
+
+    @torch.no_grad()
+    def batches(self, dataset: ClipDataset, indices: Sequence[int] | None = None, batch_size: int = 16,
+                **forward_options) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, object]]:
+        """Yield (window indices, inputs, target, model output) over `indices` (default: every window), in order,
+        with the memory frozen (no test-time update)."""
+        for chosen, inputs, target in self.clips(dataset, indices, batch_size):
+            yield chosen, inputs, target, self.model(inputs, **forward_options)
 
     def window_of(self, dataset: ClipDataset, video: str, frame: int) -> int | None:
         """Index of the window that scores `frame` of `video`, None when no window does (e.g. a prediction

@@ -1,8 +1,9 @@
 """Memory usage (claims C5, C6): how often each memory item is the nearest item of a query.
 
-For every memory variant and seed of a dataset: the per-item count of nearest-item assignments over all test
-windows and over a seeded sample of training windows (memory frozen, as trained), and the usage statistics of
-pipeline.metrics.usage_stats (entropy, perplexity, items used, top item's share, collapse flag).
+For every memory variant and seed of a dataset: the per-item count of nearest-item assignments over seeded samples
+of test and training windows (analysis.usage_test_windows, usage_train_windows; 0 = all) with the memory frozen,
+as trained, and the usage statistics of pipeline.metrics.usage_stats (entropy, perplexity, items used, top item's
+share, collapse flag).
 
 Writes analysis/tables/memory_usage/<dataset>/{usage.csv, counts.csv} and
 analysis/figures/memory_usage/<dataset>/{usage.png, pred_vs_uniform.png}.
@@ -20,6 +21,7 @@ from analysis import plotting
 from analysis.common import existing_runs, output_dirs, runs_by_variant, seeded_subset, stage_main
 from analysis.inference import LoadedRun
 from pipeline.config import Params
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 from pipeline.metrics import usage_stats
 
@@ -59,7 +61,7 @@ def memory_usage(dataset: str, params: Params, runs_root: Path | None = None, da
     for run in runs:
         loaded = LoadedRun(run, data_root)
         for split in SPLITS:
-            cap = 0 if split == "test" else options.usage_train_windows
+            cap = options.usage_test_windows if split == "test" else options.usage_train_windows
             counts = nearest_item_counts(loaded, split, cap, params.evaluate.batch_size)
             histograms[run.variant, run.seed, split] = counts
             usage_rows.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "split": split,
@@ -148,4 +150,4 @@ def usage_panel(ax, histograms: dict, usage: pd.DataFrame, variant: str, seed: i
 main = stage_main(memory_usage, "memory usage per item (C5, C6)")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

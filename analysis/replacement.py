@@ -1,8 +1,9 @@
 """Feature replacement (claim C4): replace the decoder's input at test time and see what the output keeps.
 
 For each variant of analysis.replacement_variants (reconstruction and prediction, with and without skips) and
-seed: the decoder input's query part, memory read, or both are replaced by zeros, ones or seeded standard-normal
-noise (models.mnad.Replacement). Per replacement: the AUC of the normality score from PSNR alone and combined with
+seed, over a seeded sample of analysis.replacement_windows test windows (0 = all; AUCs are the sample's, normalised
+per video within it): the decoder input's query part, memory read, or both are replaced by zeros, ones or seeded
+standard-normal noise (models.mnad.Replacement). Per replacement: the AUC of the normality score from PSNR alone and combined with
 the feature distance (the distance comes from the queries, before the decoder, so the replacement leaves it
 unchanged), the mean PSNR of the output against its target, and the mean PSNR between the normal output and the
 replaced one: high means the decoder barely used what was replaced (skip connections carry the frame), low means it
@@ -20,10 +21,11 @@ import pandas as pd
 import torch
 
 from analysis import plotting
-from analysis.common import existing_runs, output_dirs, stage_main
+from analysis.common import existing_runs, output_dirs, seeded_subset, stage_main
 from analysis.inference import LoadedRun, psnr
 from models.mnad import Replacement
 from pipeline.config import Params
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 from pipeline.metrics import auc, normality_score
 
@@ -38,9 +40,12 @@ def replacements(has_memory: bool) -> list[tuple[str, str]]:
     return [(part, fill) for part in parts for fill in FILLS]
 
 
-def replaced_outputs(loaded: LoadedRun, batch_size: int, examples: np.ndarray) -> tuple[dict, dict, np.ndarray]:
-    """One pass over the test set: per (part, fill) the per-window PSNR to the target and to the normal output,
-    the example windows' images, and the feature distance of every window (None without a memory)."""
+@torch.no_grad()
+def replaced_outputs(loaded: LoadedRun, batch_size: int, examples: np.ndarray,
+                     windows: np.ndarray | None = None) -> tuple[dict, dict, np.ndarray]:
+    """One pass over the test `windows` (default: all): per (part, fill) the per-window PSNR to the target and to
+    the normal output, the example windows' images, and the feature distance of every window (None without a
+    memory). Each batch is encoded once and decoded under every replacement."""
     settings = replacements(loaded.variant.has_memory)
     # One generator per replacement, seeded from the run's seed: the random fill is reproducible and does not
     # depend on which other replacements ran.
@@ -48,19 +53,20 @@ def replaced_outputs(loaded: LoadedRun, batch_size: int, examples: np.ndarray) -
     series = {s: {"to_target": [], "to_normal": []} for s in [NORMAL, *settings]}
     images: dict = {}
     distance = []
-    dataset = loaded.windows("test")
-    for indices, inputs, target, normal in loaded.batches(dataset, batch_size=batch_size):
-        series[NORMAL]["to_target"].append(psnr(normal.output, target))
+    model = loaded.model
+    for indices, inputs, target in loaded.clips(loaded.windows("test"), windows, batch_size):
+        encoded = model.encode(inputs)
+        normal = model.decode(encoded)
+        series[NORMAL]["to_target"].append(psnr(normal, target))
         series[NORMAL]["to_normal"].append(np.full(len(indices), np.nan))
-        if normal.distance is not None:
-            distance.append(normal.distance.double().cpu().numpy())
-        outputs = {NORMAL: normal.output}
+        if encoded.distance is not None:
+            distance.append(encoded.distance.double().cpu().numpy())
+        outputs = {NORMAL: normal}
         for setting in settings:
             part, fill = setting
-            with torch.no_grad():
-                output = loaded.model(inputs, replace=Replacement(part, fill, generators[setting])).output
+            output = model.decode(encoded, Replacement(part, fill, generators[setting]))
             series[setting]["to_target"].append(psnr(output, target))
-            series[setting]["to_normal"].append(psnr(output, normal.output))
+            series[setting]["to_normal"].append(psnr(output, normal))
             outputs[setting] = output
         for k, window in enumerate(indices):
             if window in examples:
@@ -80,9 +86,10 @@ def replacement(dataset: str, params: Params, runs_root: Path | None = None, dat
     for run in runs:
         loaded = LoadedRun(run, data_root)
         windows = loaded.windows("test").windows
-        examples = np.unique(np.linspace(0, len(windows) - 1, options.replacement_examples).round().astype(int))
-        series, images, distance = replaced_outputs(loaded, params.evaluate.batch_size, examples)
-        videos, labels = windows["video"].to_numpy(), windows["label"].to_numpy()
+        sample = seeded_subset(len(windows), options.replacement_windows, run.seed)
+        examples = sample[np.unique(np.linspace(0, len(sample) - 1, options.replacement_examples).round().astype(int))]
+        series, images, distance = replaced_outputs(loaded, params.evaluate.batch_size, examples, sample)
+        videos, labels = windows["video"].to_numpy()[sample], windows["label"].to_numpy()[sample]
         for (part, fill), values in series.items():
             psnr_score, _ = normality_score(values["to_target"], videos, loaded.variant.alpha, None, nan_policy)
             row = {"dataset": dataset, "variant": run.variant, "seed": run.seed, "skips": loaded.variant.skips,
@@ -160,4 +167,4 @@ def examples_figure(images: dict, windows: pd.DataFrame, run, path: Path) -> Pat
 main = stage_main(replacement, "feature replacement at the decoder input (C4)")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -23,7 +23,7 @@ from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_RUN
 from analysis.common import (ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, mean_std,
                              study_variants, variant_seeds)
 from pipeline.config import REAL_KINDS, REPO_ROOT, Params, load_params
-from pipeline.errors import exit_cleanly
+from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_text
 
 REPORT_PATH = REPO_ROOT / "REPORT.md"
@@ -194,7 +194,7 @@ class Results:
             return None
         frame = pd.read_csv(path)
         for column in TEXT_COLUMNS & set(frame.columns):  # an empty cell is no text, not NaN
-            frame[column] = frame[column].fillna("").astype(str)
+            frame[column] = frame[column].astype(object).fillna("").astype(str)  # an all-empty column reads as float
         if "variant" in frame.columns:
             frame = frame[frame["variant"].isin(study_variants(self.params))]
             if "seed" in frame.columns:
@@ -661,4 +661,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

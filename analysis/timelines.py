@@ -17,6 +17,7 @@ import pandas as pd
 from analysis import plotting
 from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, mean_std, output_dirs, stage_main
 from pipeline.config import Params
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 
 TOPIC = "timelines"
@@ -104,4 +105,4 @@ def timelines(dataset: str, params: Params, runs_root: Path | None = None,
 main = stage_main(timelines, "score timelines and ROC curves")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -24,6 +24,7 @@ from analysis.common import existing_runs, mean_std, output_dirs, runs_by_varian
 from analysis.inference import LoadedRun
 from models.memory import flatten_queries
 from pipeline.config import Params
+from pipeline.errors import exit_now
 from pipeline.io import write_csv
 
 TOPIC = "tsne"
@@ -126,4 +127,4 @@ def tsne_figure(embedding: pd.DataFrame, silhouettes: pd.DataFrame, grouped: dic
 main = stage_main(tsne, "t-SNE of query features and their silhouette (C9)")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -12,6 +12,7 @@ narrow copy of the same network. Frames must have a side divisible by 8 (three 2
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -166,6 +167,20 @@ def check_frame_size(x: torch.Tensor, multiple: int, model: str) -> None:
         raise ValueError(f"{model} needs frames whose sides are multiples of {multiple}, got {height}x{width}")
 
 
+class Encoded(NamedTuple):
+    """MNAD's state between encoder and decoder. decoder_input is [query, read] with a memory (query_channels says
+    where the query ends), the raw encoder features without one (query_channels None)."""
+
+    decoder_input: torch.Tensor
+    query_channels: int | None
+    skips: tuple[torch.Tensor, ...]
+    queries: torch.Tensor
+    read: torch.Tensor | None = None
+    nearest: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
+
+
 class MNAD(nn.Module):
     """Encoder -> (memory read) -> decoder. `memory_items=0` removes the memory: the decoder then reads the raw
     encoder features, as in the RC2020 baselines (result.queries still holds their L2-normalised copy, for analysis)."""
@@ -188,35 +203,47 @@ class MNAD(nn.Module):
                 replace: Replacement | None = None) -> ModelOutput:
         """x: [B, frames*channels, H, W]. `update_memory` writes this batch's queries into the memory after the
         read and the losses (training); evaluation leaves it False and calls `test_time_update`."""
+        encoded = self.encode(x)
+        output = self.decode(encoded, replace)
+        if update_memory and self.memory is not None:
+            self.memory.update(encoded.queries.detach())
+        return ModelOutput(output, encoded.queries, encoded.read, encoded.nearest, encoded.distance,
+                           dict(encoded.loss_terms or {}))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Everything before the decoder: the encoder and the memory read (the memory is not updated)."""
         check_frame_size(x, 8, "MNAD")
         features, skips = self.encoder(x)
         if self.memory is None:
-            queries = F.normalize(features, dim=1)
-            decoder_input, query_channels = features, None
-            read = nearest = distance = None
-            loss_terms = {}
-        else:
-            memory_read = self.memory(features)
-            queries, read, nearest, distance = (memory_read.queries, memory_read.read, memory_read.nearest,
-                                                memory_read.distance)
-            decoder_input, query_channels = torch.cat([queries, read], dim=1), queries.shape[1]
-            loss_terms = {"compactness": memory_read.compactness, "separateness": memory_read.separateness,
-                          "uniform": memory_read.uniform}
+            return Encoded(features, None, skips, F.normalize(features, dim=1))
+        memory_read = self.memory(features)
+        return Encoded(torch.cat([memory_read.queries, memory_read.read], dim=1), memory_read.queries.shape[1], skips,
+                       memory_read.queries, memory_read.read, memory_read.nearest, memory_read.distance,
+                       {"compactness": memory_read.compactness, "separateness": memory_read.separateness,
+                        "uniform": memory_read.uniform})
+
+    def decode(self, encoded: Encoded, replace: Replacement | None = None) -> torch.Tensor:
+        """The decoder's output for an `encode` result, with part of its input replaced if asked: one encoding can
+        be decoded under many replacements (the C4 analysis)."""
+        decoder_input = encoded.decoder_input
         if replace is not None:
-            decoder_input = replace(decoder_input, query_channels)
-        output = self.decoder(decoder_input, skips if self.decoder.skips else None)
-        if update_memory and self.memory is not None:
-            self.memory.update(queries.detach())
-        return ModelOutput(output, queries, read, nearest, distance, loss_terms)
+            decoder_input = replace(decoder_input, encoded.query_channels)
+        return self.decoder(decoder_input, encoded.skips if self.decoder.skips else None)
 
     @torch.no_grad()
-    def test_time_update(self, result: ModelOutput, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    def test_time_update(self, result: ModelOutput, target: torch.Tensor, threshold: float,
+                         first_only: bool = False) -> torch.Tensor:
         """Update the memory with the queries of the frames whose point score is under `threshold`; returns which
-        frames did, BoolTensor [B]. All selected frames of a batch update together, in one step (one frame per
-        call, as the evaluation does, reproduces MNAD's frame-by-frame test loop)."""
+        frames did, BoolTensor [B]. All selected frames of a batch update together, in one step. With `first_only`,
+        only the first selected frame of the batch updates: the frames of a batch up to it saw the memory a
+        frame-by-frame loop (MNAD's test loop) would have shown them, and the ones after it did not."""
         if self.memory is None:
             raise ValueError("test_time_update needs a memory; this model has none")
         selected = point_score(result.output, target) < threshold
+        if first_only and bool(selected.any()):
+            first = int(selected.nonzero()[0, 0])
+            selected = torch.zeros_like(selected)
+            selected[first] = True
         if bool(selected.any()):
             self.memory.update(result.queries[selected])
         return selected

@@ -229,8 +229,10 @@ class Analysis:
     tsne_queries: int
     tsne_perplexity: float
     collapse_share: float
+    usage_test_windows: int
     usage_train_windows: int
     replacement_variants: tuple[str, ...]
+    replacement_windows: int
     replacement_unchanged_psnr: float
     replacement_examples: int
     timeline_videos: int
@@ -241,7 +243,8 @@ class Analysis:
         _check(self.tsne_queries >= 10, f"{key}.tsne_queries", f"must be at least 10, got {self.tsne_queries}")
         _check(self.tsne_perplexity > 0, f"{key}.tsne_perplexity", "must be positive")
         _check(0.0 < self.collapse_share <= 1.0, f"{key}.collapse_share", "must be a share in (0, 1]")
-        _check(self.usage_train_windows >= 0, f"{key}.usage_train_windows", "must be 0 (all windows) or more")
+        for name in ("usage_test_windows", "usage_train_windows", "replacement_windows"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", f"must be 0 (all windows) or more, got {getattr(self, name)}")
         _check(self.replacement_examples >= 1 and self.timeline_videos >= 1, key,
                "replacement_examples and timeline_videos must be at least 1")
         _check(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples",

@@ -8,6 +8,8 @@ which is what evaluation joins scores on.
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -53,6 +55,9 @@ def read_frame(path: Path, grayscale: bool = False) -> np.ndarray:
 class ClipDataset(Dataset):
     """Windows of `window` consecutive frames; item i is {"clip": [window, C, H, W] float in [-1, 1], "index": i}.
 
+    Windows in order share all but one frame, so the last few frames read are kept (a few windows' worth, not the
+    dataset): evaluation then reads each frame once instead of `window` times.
+
     `scored_offset` is the position inside the window of the frame the window is scored against (the prediction
     target, the single reconstructed frame, or MemAE's clip centre). `windows` is a DataFrame with one row per
     window: video, start, frame (the scored frame), label, anomaly_type.
@@ -89,17 +94,27 @@ class ClipDataset(Dataset):
                                       "label": scored["label"].to_numpy(),
                                       "anomaly_type": scored["anomaly_type"].to_numpy()}))
         self.windows = pd.concat(rows, ignore_index=True)
-        self._video = self.windows["video"].to_numpy()
+        # plain strings: building a pathlib.Path per frame costs as much as decoding a small PNG
+        folders = {video: os.path.join(self.frames_dir, split, video) for video in self.windows["video"].unique()}
+        self._folder = self.windows["video"].map(folders).to_numpy()
         self._start = self.windows["start"].to_numpy()
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
-        video, start = self._video[index], int(self._start[index])
-        frames = [read_frame(frame_path(self.frames_dir, self.split, video, start + t), self.grayscale)
-                  for t in range(self.window)]
+        folder, start = self._folder[index], int(self._start[index])
+        frames = [self._frame(os.path.join(folder, f"{start + t:06d}.png")) for t in range(self.window)]
         return {"clip": torch.from_numpy(np.stack(frames)), "index": index}
+
+    def _frame(self, path: str) -> np.ndarray:
+        frame = self._recent.get(path)
+        if frame is None:
+            frame = self._recent[path] = read_frame(Path(path), self.grayscale)
+            if len(self._recent) > 2 * self.window:
+                self._recent.popitem(last=False)
+        return frame
 
 
 def clip_dataset(frames_dir: str | Path, split: str, variant, videos: list[str] | None = None) -> ClipDataset:

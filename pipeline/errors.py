@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class UserError(Exception):
@@ -22,3 +24,17 @@ def exit_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
             return 2
 
     return wrapper
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a stage process whose main() has returned, skipping interpreter teardown.
+
+    Teardown (freeing the module graphs of torch, MLflow, sklearn) takes 1-2 s per process, about 3 min over the
+    default study's 95 stages, and does nothing a finished stage needs: its outputs are written and closed
+    atomically, and every MLflow call is synchronous and has returned. Only for `python -m` entry points, never
+    for library calls; an exception out of main() still ends the process the normal way, with its traceback.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -7,23 +7,29 @@ training). `copy-last` needs no checkpoint: it is evaluated directly.
 """
 from __future__ import annotations
 
-import argparse
+from pipeline import tracking
+
+if __name__ == "__main__":  # first: MLflow's import then runs in a worker alongside ours (see pipeline.tracking)
+    tracking.start_worker()
+
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn.metrics  # noqa: F401 - the AUCs need it; imported now, while the MLflow worker imports on the other core
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.build import build_model, split_clip
 from pipeline import checkpoint as ckpt
+from pipeline.cli import run_arguments
 from pipeline.config import Variant, load_params
 from pipeline.data import ClipDataset, clip_dataset
-from pipeline.errors import exit_cleanly
+from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_csv, write_json
 from pipeline.metrics import normality_score, psnr_from_mse, regularity_score, roc_points, summarise
-from pipeline.tracking import Run, environment_tags, flatten
+from pipeline.tracking import environment_tags, flatten, open_run
 
 
 def frame_errors(output: torch.Tensor, target: torch.Tensor, family: str) -> dict[str, np.ndarray]:
@@ -54,19 +60,35 @@ def score_batched(model, dataset: ClipDataset, variant: Variant, batch_size: int
 
 
 @torch.no_grad()
-def score_with_update(model, dataset: ClipDataset, variant: Variant, device) -> dict[str, np.ndarray]:
-    """Frame by frame in video order: each frame is scored with the memory as it stands, then (if its error is
-    under the threshold) updates it. The memory persists across all test videos, as in MNAD."""
+def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max_chunk: int) -> dict[str, np.ndarray]:
+    """MNAD's test loop: frame by frame in video order, each frame is scored with the memory as it stands and then,
+    if its point score is under the threshold, written into it. The memory persists across all test videos.
+
+    Frames are run in batches ("chunks") on the guess that none of them updates the memory: every frame up to and
+    including the first one that does update saw exactly the memory the frame-by-frame loop would have shown it, so
+    those results are kept, the update is applied, and the rest of the chunk is run again. The chunk doubles
+    after a chunk without an update and shrinks to twice the accepted run after one with an update, so rare
+    updates cost nearly nothing and frequent ones fall back to one frame at a time.
+    """
     parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": [], "memory_updated": []}
-    loader = DataLoader(dataset, batch_size=1, shuffle=False)
-    for batch in tqdm(loader, desc="evaluate (test-time update)", leave=False, mininterval=2.0):
-        inputs, target = split_clip(batch["clip"], variant)
+    start, chunk, loaded = 0, max_chunk, []   # `loaded`: the clips of windows start, start + 1, ... already read
+    progress = tqdm(total=len(dataset), desc="evaluate (test-time update)", leave=False, mininterval=2.0)
+    while start < len(dataset):
+        end = min(len(dataset), start + chunk)
+        loaded += [dataset[index]["clip"] for index in range(start + len(loaded), end)]
+        inputs, target = split_clip(torch.stack(loaded[:end - start]), variant)
         inputs, target = inputs.to(device), target.to(device)
         result = model(inputs)
-        parts["psnr"].append(frame_errors(result.output, target, variant.family)["psnr"])
-        parts["distance"].append(result.distance.double().cpu().numpy())
-        updated = model.test_time_update(result, target, variant.test_threshold)
-        parts["memory_updated"].append(updated.cpu().numpy().astype(np.int8))
+        updated = model.test_time_update(result, target, variant.test_threshold, first_only=True).cpu()
+        hit = bool(updated.any())
+        kept = int(updated.nonzero()[0, 0]) + 1 if hit else end - start
+        parts["psnr"].append(frame_errors(result.output[:kept], target[:kept], variant.family)["psnr"])
+        parts["distance"].append(result.distance[:kept].double().cpu().numpy())
+        parts["memory_updated"].append(updated[:kept].numpy().astype(np.int8))
+        chunk = min(max_chunk, 2 * kept if hit else 2 * chunk)
+        start, loaded = start + kept, loaded[kept:]
+        progress.update(kept)
+    progress.close()
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
@@ -107,7 +129,7 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
         metrics["without_update"] = summarise(scores, "score", degenerate)
         metrics["without_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
     if variant.memory == "mnad" and options.test_time_update != "without":
-        series = score_with_update(model, test_set, variant, device)
+        series = score_with_update(model, test_set, variant, device, options.batch_size)
         degenerate = add_scores(scores, series, variant, options.nan_policy, suffix="_update")
         metrics["with_update"] = summarise(scores, "score_update", degenerate)
         metrics["with_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
@@ -121,16 +143,16 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
     write_csv(out_dir / "roc.csv", roc)
     write_json(out_dir / "metrics.json", metrics)
 
-    run = Run(dataset_name, variant_name, seed)
-    run.set_tags({**environment_tags(device.type), "eval_stage": f"evaluate@{dataset_name}-{variant_name}-{seed}",
-                  "eval.nan_policy": options.nan_policy, "eval.test_time_update": options.test_time_update})
-    if not variant.trainable:
-        run.log_params(flatten(ckpt.run_config(dataset, variant, seed)))
-    run.log_metrics(flatten(metrics, "eval."))
-    run.log_artifact(out_dir / "scores.csv")
-    run.log_artifact(out_dir / "metrics.json")
-    run.log_artifact(roc_figure(roc, f"{dataset_name} {variant_name} seed {seed}", out_dir / "roc.png"))
-    run.finish()
+    with open_run(dataset_name, variant_name, seed) as run:
+        run.set_tags({**environment_tags(device.type), "eval_stage": f"evaluate@{dataset_name}-{variant_name}-{seed}",
+                      "eval.nan_policy": options.nan_policy, "eval.test_time_update": options.test_time_update})
+        if not variant.trainable:
+            run.log_params(flatten(ckpt.run_config(dataset, variant, seed)))
+        run.log_metrics(flatten(metrics, "eval."))
+        run.log_artifact(out_dir / "scores.csv")
+        run.log_artifact(out_dir / "metrics.json")
+        run.log_artifact(roc_figure(roc, f"{dataset_name} {variant_name} seed {seed}", out_dir / "roc.png"))
+        run.finish()
     return metrics
 
 
@@ -154,16 +176,11 @@ def roc_figure(roc: pd.DataFrame, title: str, path: Path) -> Path:
 
 @exit_cleanly
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
-    args = parser.parse_args(argv)
+    args = run_arguments(__doc__.splitlines()[0], argv)
     metrics = evaluate(args.dataset, args.variant, args.seed, args.params)
     print({k: v for k, v in flatten(metrics).items() if "auc_micro" in k})
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import DATA_DIR
 from pipeline.config import load_params, resolved_options
-from pipeline.errors import exit_cleanly
+from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_json
 
 
@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

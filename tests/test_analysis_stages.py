@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from analysis import anomaly_types, comparisons, memory_usage, replacement, timelines, tsne
 from analysis.common import Run
-from analysis.inference import LoadedRun
+from analysis.inference import LoadedRun, psnr
 from models.build import build_model, split_clip
 from pipeline.checkpoint import frames_dir, run_config, run_dir, save_checkpoint
 from pipeline.config import DEFAULT_PARAMS, load_params
@@ -272,3 +272,16 @@ def test_an_analysis_of_a_dataset_without_runs_writes_placeholders(study, tmp_pa
     assert pd.read_csv(tmp_path / "tables" / "memory_usage" / "tiny" / "usage.csv").empty
     table = comparisons.compare("tiny", study["params"], tmp_path / "no-runs", tmp_path)
     assert (table["verdict"] == "not run here").all()
+
+
+def test_replacement_on_a_window_sample_uses_exactly_those_windows(study, tmp_path):
+    params = write_params(tmp_path / "params.yaml", replacement_windows=12)
+    out = tmp_path / "analysis"
+    table = replacement.replacement("tiny", params, runs_root=study["runs"], data_root=study["data"], out_root=out)
+    run = Run("tiny", "mnad-pred", 1, run_dir("tiny", "mnad-pred", 1, study["runs"]))
+    loaded = LoadedRun(run, study["data"])
+    dataset = loaded.windows("test")
+    sample = np.sort(np.random.default_rng(1).choice(len(dataset), size=12, replace=False))  # seeded by the run's seed
+    psnrs = np.concatenate([psnr(result.output, target) for _, _, target, result in loaded.batches(dataset, sample, 5)])
+    normal = table[(table["variant"] == "mnad-pred") & (table["seed"] == 1) & (table["part"] == "none")]
+    assert normal["psnr_to_target"].item() == pytest.approx(psnrs.mean(), rel=1e-6)

@@ -94,3 +94,11 @@ def test_stage_exits_cleanly_on_a_config_error(tmp_path, capsys):
     assert main(["--dataset", "nope", "--variant", "mnad-pred", "--seed", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown dataset 'nope'") and "Traceback" not in err
+
+
+def test_params_yaml_reads_the_same_under_dvcs_yaml_parser():
+    """DVC reads params.yaml with ruamel's libyaml parser (YAML 1.1), stricter than PyYAML here: an unquoted URL in
+    a flow list, for one, is a syntax error there, and every stage would fail to read its params."""
+    from dvc.utils.serialize import load_yaml
+
+    assert load_yaml(DEFAULT_PARAMS) == yaml.safe_load(DEFAULT_PARAMS.read_text())

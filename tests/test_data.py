@@ -81,3 +81,23 @@ def test_missing_frames_and_labels_are_clear_errors(layout, tmp_path):
         ClipDataset(layout, "test", 1, 0)
     with pytest.raises(UserError, match=r"labels.csv not found.*dvc repro prepare@"):
         ClipDataset(tmp_path / "nothing", "test", 1, 0)
+
+
+def test_recent_frames_are_reused_but_never_mixed_up(layout, monkeypatch):
+    import pipeline.data as data_module
+
+    reads = []
+    real_read = data_module.read_frame
+    monkeypatch.setattr(data_module, "read_frame", lambda path, grayscale=False: reads.append(path) or
+                        real_read(path, grayscale))
+    data = ClipDataset(layout, "test", window=5, scored_offset=4)
+    in_order = [data[i]["clip"] for i in range(len(data))]
+    assert len(reads) == 7 + 5  # each frame of the two test videos decoded once, not once per window
+    for i, clip in enumerate(in_order):  # frame t of test video v (layout index v) is 10 * v + t
+        video, start = data.windows.loc[i, ["video", "start"]]
+        expected = (10 * int(video) + start + torch.arange(5)) / 127.5 - 1
+        torch.testing.assert_close(clip[:, 0, 0, 0], expected.float())
+    backwards = [data[i]["clip"] for i in reversed(range(len(data)))]
+    for clip, again in zip(in_order, reversed(backwards)):
+        assert torch.equal(clip, again)
+    assert len(data._recent) <= 2 * data.window

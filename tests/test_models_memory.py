@@ -190,15 +190,19 @@ def tiny_mnad():
     return MNAD(1, 1, width=0.125, skips=False, memory_items=3).double().eval()
 
 
-def test_test_time_update_uses_only_frames_under_threshold():
+def three_frames_off_by(offsets):
+    """A tiny model's output on three frames, and targets that differ from it by a constant offset each."""
     model = tiny_mnad()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
         result = model(x)
-    target = result.output.clone()
-    target[0] += 0.01      # s ~ 2.5e-5: updates
-    target[1] += 0.5       # s ~ 0.06: does not
-    target[2] += 0.02      # s ~ 1e-4: updates
+    target = result.output + torch.tensor(offsets, dtype=torch.float64).view(3, 1, 1, 1)
+    return model, result, target
+
+
+def test_test_time_update_uses_only_frames_under_threshold():
+    # s ~ 2.5e-5 (updates), ~0.06 (does not), ~1e-4 (updates)
+    model, result, target = three_frames_off_by([0.01, 0.5, 0.02])
     scores = [point_score(result.output[i:i + 1], target[i:i + 1]).item() for i in range(3)]
     assert scores[0] < 0.01 < scores[1] and scores[2] < 0.01
 
@@ -210,6 +214,19 @@ def test_test_time_update_uses_only_frames_under_threshold():
 
     before = model.memory.items.clone()
     assert model.test_time_update(result, target, threshold=1e-9).tolist() == [False, False, False]
+    assert torch.equal(model.memory.items, before)
+
+
+def test_test_time_update_first_only_writes_just_the_first_frame_under_threshold():
+    # over the threshold; the first under it (the only one written); also under it, but after the first
+    model, result, target = three_frames_off_by([0.5, 0.01, 0.01])
+    reference = copy.deepcopy(model.memory)
+    reference.update(result.queries[[1]])
+    selected = model.test_time_update(result, target, threshold=0.01, first_only=True)
+    assert selected.tolist() == [False, True, False]
+    assert torch.equal(model.memory.items, reference.items)
+    before = model.memory.items.clone()
+    assert not model.test_time_update(result, target, threshold=1e-9, first_only=True).any()
     assert torch.equal(model.memory.items, before)
 
 

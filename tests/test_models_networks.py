@@ -209,6 +209,21 @@ def test_replacement_without_memory():
         Replacement("sideways", "zeros")
 
 
+@pytest.mark.parametrize("memory_items", [0, 4])
+def test_one_encoding_decoded_under_replacements_equals_full_forward_passes(memory_items):
+    torch.manual_seed(0)
+    model = MNAD(4, 1, width=0.125, skips=True, memory_items=memory_items).eval()
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    with torch.no_grad():
+        encoded = model.encode(x)
+        assert torch.equal(model.decode(encoded), model(x).output)
+        for fill in ("zeros", "random"):
+            once = model.decode(encoded, Replacement("both", fill, torch.Generator().manual_seed(5)))
+            full = model(x, replace=Replacement("both", fill, torch.Generator().manual_seed(5))).output
+            assert torch.equal(once, full)
+    assert encoded.query_channels == (model.encoder.out_channels if memory_items else None)
+
+
 def test_copy_last_returns_the_fourth_frame_exactly():
     variant = PARAMS.variant("copy-last")
     model = build_model(variant, profile(channels=3))

@@ -1,10 +1,17 @@
 """Training and evaluation stages on the tiny profile: resume, determinism, outputs, MLflow."""
+import copy
+import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from models.mnad import point_score
+from pipeline import checkpoint as ckpt
+from pipeline.data import clip_dataset
+from pipeline.evaluate import score_batched, score_with_update
 from pipeline.evaluate import evaluate
 from pipeline.train import train
 from pipeline.tracking import _client
@@ -73,3 +80,69 @@ def test_copy_last_is_evaluated_without_a_checkpoint(tiny_data, tmp_path):
     scores = pd.read_csv(tmp_path / "tiny" / "copy-last" / "seed0" / "scores.csv", keep_default_na=False)
     assert scores["frame"].min() == 4  # prediction never scores a video's first four frames
     assert "distance" not in scores.columns and metrics["without_update"]["auc_micro"] > 0.5
+
+
+def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_path):
+    path = train("tiny", "mnad-recon", 0, data_root=tiny_data, runs_root=tmp_path)
+    model, variant, _ = ckpt.load_model(path)
+    test_set = clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant)
+    # A threshold at the 30th percentile of the frozen point scores: some frames update the memory, most do not.
+    with torch.no_grad():
+        scores = torch.cat([point_score(result.output, target) for result, target in
+                            ((model(batch[0]), batch[1]) for batch in
+                             (variant_split(test_set[i]["clip"][None], variant) for i in range(len(test_set))))])
+    variant = dataclasses.replace(variant, test_threshold=float(np.quantile(scores.numpy(), 0.3)))
+
+    runs = {}
+    for chunk in (1, 16):  # a chunk of 1 is MNAD's loop itself: one frame, then its update, then the next frame
+        copied = copy.deepcopy(model)
+        runs[chunk] = (score_with_update(copied, test_set, variant, torch.device("cpu"), chunk), copied.memory.items)
+    (exact, exact_items), (chunked, chunked_items) = runs[1], runs[16]
+    assert 0 < exact["memory_updated"].sum() < len(test_set)
+    np.testing.assert_array_equal(chunked["memory_updated"], exact["memory_updated"])
+    np.testing.assert_allclose(chunked["psnr"], exact["psnr"], rtol=1e-5)
+    np.testing.assert_allclose(chunked["distance"], exact["distance"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(chunked_items, exact_items)
+    # and without any update it is the batched frozen pass
+    frozen = score_batched(model, test_set, variant, 16, torch.device("cpu"))
+    never = dataclasses.replace(variant, test_threshold=-1.0)
+    chunked = score_with_update(copy.deepcopy(model), test_set, never, torch.device("cpu"), 16)
+    assert chunked["memory_updated"].sum() == 0
+    np.testing.assert_allclose(chunked["psnr"], frozen["psnr"], rtol=1e-6)
+
+
+def variant_split(clip, variant):
+    from models.build import split_clip
+
+    return split_clip(clip, variant)
+
+
+def test_a_failing_training_marks_its_mlflow_run_failed(tiny_data, tmp_path, monkeypatch):
+    import pipeline.train as training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(training, "train_epoch", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train("tiny", "ae-pred", 2, data_root=tiny_data, runs_root=tmp_path)
+    client = _client()
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.variant = 'ae-pred' and tags.seed = '2'")
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_fewer_clips_per_epoch_than_one_batch_is_a_clear_error(tiny_data, tmp_path):
+    import yaml
+
+    from pipeline.config import DEFAULT_PARAMS
+    from pipeline.errors import UserError
+
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    raw["profiles"]["tiny"].update(max_train_clips=3, batch_size=4)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(UserError, match=r"3 training clips per epoch \(\d+ in the set, profiles.tiny.max_train_clips 3\), "
+                                        r"fewer than one batch of 4; lower profiles.tiny.batch_size"):
+        train("tiny", "ae-pred", 0, params_path=params, data_root=tiny_data, runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # nothing written
