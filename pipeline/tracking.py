@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -254,6 +255,9 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group; the stage handles it and sends FAILED, which this worker must live
+    # to record. Its own end comes with the end of its input, whichever way the stage ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         serve(sys.stdin)
     except Exception as error:  # noqa: BLE001 - one line that BackgroundRun quotes in its error

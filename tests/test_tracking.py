@@ -67,3 +67,20 @@ def test_a_broken_store_is_one_clear_error(tmp_path, monkeypatch):
     run = open_run("tracking-test", "mnad-pred", 0)
     with pytest.raises(RuntimeError, match=r"MLflow logging failed \(tracking URI sqlite:///.*file/mlflow.db\)"):
         run.finish()
+
+
+def test_ctrl_c_does_not_stop_the_worker_before_it_records_the_stage_failing():
+    import signal
+    import time
+
+    tracking.start_worker()
+    run = open_run("tracking-test", "memae", 0, fresh=True)
+    deadline = time.monotonic() + 120
+    while not runs_of("tracking-test", "memae", 0):  # the worker has opened the run, so its handlers are set
+        assert time.monotonic() < deadline, "the worker never opened the run"
+        time.sleep(0.2)
+    run._process.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to every process of the group
+    with pytest.raises(KeyboardInterrupt):
+        with run:
+            raise KeyboardInterrupt
+    assert [r.info.status for r in runs_of("tracking-test", "memae", 0)] == ["FAILED"]
