@@ -43,8 +43,10 @@ def main() -> int:
     for line in sys.stdin:
         now = time.time()
         sys.stdout.write(line)
+        sys.stdout.flush()
         if log:
             log.write(f"{now - began:9.1f} {line}")
+            log.flush()
         for match in STAGE_LINE.finditer(line):
             starts.append((now, stage_kind(match.group(1))))
     end = time.time()
