@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from models.build import split_clip
 from models.mnad import point_score
 from pipeline import checkpoint as ckpt
 from pipeline.data import clip_dataset
-from pipeline.evaluate import score_batched, score_with_update
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, score_batched, score_with_update
 from pipeline.train import train
 from pipeline.tracking import _client
 
@@ -87,10 +87,9 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
     model, variant, _ = ckpt.load_model(path)
     test_set = clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant)
     # A threshold at the 30th percentile of the frozen point scores: some frames update the memory, most do not.
+    inputs, target = split_clip(torch.stack([test_set[i]["clip"] for i in range(len(test_set))]), variant)
     with torch.no_grad():
-        scores = torch.cat([point_score(result.output, target) for result, target in
-                            ((model(batch[0]), batch[1]) for batch in
-                             (variant_split(test_set[i]["clip"][None], variant) for i in range(len(test_set))))])
+        scores = point_score(model(inputs).output, target)
     variant = dataclasses.replace(variant, test_threshold=float(np.quantile(scores.numpy(), 0.3)))
 
     runs = {}
@@ -109,12 +108,6 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
     chunked = score_with_update(copy.deepcopy(model), test_set, never, torch.device("cpu"), 16)
     assert chunked["memory_updated"].sum() == 0
     np.testing.assert_allclose(chunked["psnr"], frozen["psnr"], rtol=1e-6)
-
-
-def variant_split(clip, variant):
-    from models.build import split_clip
-
-    return split_clip(clip, variant)
 
 
 def test_a_failing_training_marks_its_mlflow_run_failed(tiny_data, tmp_path, monkeypatch):
