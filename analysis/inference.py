@@ -44,6 +44,15 @@ class LoadedRun:
         for chosen, inputs, target in self.clips(dataset, indices, batch_size):
             yield chosen, inputs, target, self.model(inputs, **forward_options)
 
+    @torch.no_grad()
+    def encodings(self, dataset: ClipDataset, indices: Sequence[int] | None = None,
+                  batch_size: int = 16) -> Iterator[tuple[np.ndarray, object]]:
+        """Yield (window indices, the model's `encode` result: queries, nearest items, ...) over `indices`, with
+        the memory frozen. The decoder is not run: about 60% of a forward pass saved for the analyses that need
+        only what the memory saw."""
+        for chosen, inputs, _ in self.clips(dataset, indices, batch_size):
+            yield chosen, self.model.encode(inputs)
+
     def window_of(self, dataset: ClipDataset, video: str, frame: int) -> int | None:
         """Index of the window that scores `frame` of `video`, None when no window does (e.g. a prediction
         variant's first input frames)."""

@@ -36,8 +36,8 @@ def nearest_item_counts(loaded: LoadedRun, split: str, cap: int, batch_size: int
     dataset = loaded.windows(split)
     indices = seeded_subset(len(dataset), cap, loaded.run.seed)
     counts = torch.zeros(loaded.variant.memory_items, dtype=torch.long)
-    for _, _, _, result in loaded.batches(dataset, indices, batch_size):
-        counts += torch.bincount(result.nearest.flatten().cpu(), minlength=loaded.variant.memory_items)
+    for _, encoded in loaded.encodings(dataset, indices, batch_size):
+        counts += torch.bincount(encoded.nearest.flatten().cpu(), minlength=loaded.variant.memory_items)
     return counts.numpy()
 
 

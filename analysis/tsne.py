@@ -40,9 +40,9 @@ def sample_queries(loaded: LoadedRun, count: int, batch_size: int) -> tuple[np.n
     windows = np.unique(chosen // per_window)
     wanted = {int(w): chosen[chosen // per_window == w] % per_window for w in windows}
     queries, nearest = [], []
-    for indices, _, _, result in loaded.batches(dataset, windows, batch_size):
-        rows = flatten_queries(result.queries).cpu().numpy().reshape(len(indices), per_window, -1)
-        items = result.nearest.cpu().numpy().reshape(len(indices), per_window)
+    for indices, encoded in loaded.encodings(dataset, windows, batch_size):
+        rows = flatten_queries(encoded.queries).cpu().numpy().reshape(len(indices), per_window, -1)
+        items = encoded.nearest.cpu().numpy().reshape(len(indices), per_window)
         for k, window in enumerate(indices):
             positions = wanted[int(window)]
             queries.append(rows[k, positions])

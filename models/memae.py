@@ -11,6 +11,7 @@ and H, W by 16.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,16 @@ class MemAEMemory(nn.Module):
         return weights @ self.items, weights, logits.argmax(dim=1)
 
 
+class MemAEEncoded(NamedTuple):
+    """MemAE's state between encoder and decoder: the encoder features (the queries, [B, C, t, h, w]) and, with a
+    memory, its read (same shape), each position's nearest item [B, t, h, w] and the addressing weights [N, M]."""
+
+    queries: torch.Tensor
+    read: torch.Tensor | None = None
+    nearest: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
 def released_init(module: nn.Module) -> None:
     """The released training script's initialisation: conv weights N(0, 0.02), BN scale N(1, 0.02), BN shift 0."""
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
@@ -105,6 +116,15 @@ class MemAE(nn.Module):
         gradient."""
         if replace is not None:
             raise ValueError("feature replacement is defined for MNAD models only")
+        encoded = self.encode(x)
+        if encoded.read is None:
+            return ModelOutput(self.decoder(encoded.queries), queries=encoded.queries)
+        return ModelOutput(self.decoder(encoded.read), queries=encoded.queries, read=encoded.read,
+                           nearest=encoded.nearest, loss_terms={"entropy": addressing_entropy(encoded.weights)})
+
+    def encode(self, x: torch.Tensor) -> MemAEEncoded:
+        """Everything before the decoder: the encoder and the memory read (analyses that need only the queries
+        and their nearest items stop here)."""
         length, height, width = x.shape[-3:]
         if length != self.clip_length:
             raise ValueError(f"MemAE was built for clips of {self.clip_length} frames, got {length}")
@@ -112,10 +132,9 @@ class MemAE(nn.Module):
             raise ValueError(f"MemAE needs frames whose sides are multiples of 16, got {height}x{width}")
         features = self.encoder(x)                                     # [B, C, t, h, w]
         if self.memory is None:
-            return ModelOutput(self.decoder(features), queries=features)
+            return MemAEEncoded(features)
         batch, dim, t, h, w = features.shape
         rows = features.permute(0, 2, 3, 4, 1).reshape(-1, dim)
         read_rows, weights, nearest = self.memory(rows)
         read = read_rows.reshape(batch, t, h, w, dim).permute(0, 4, 1, 2, 3)
-        return ModelOutput(self.decoder(read), queries=features, read=read, nearest=nearest.reshape(batch, t, h, w),
-                           loss_terms={"entropy": addressing_entropy(weights)})
+        return MemAEEncoded(features, read, nearest.reshape(batch, t, h, w), weights)

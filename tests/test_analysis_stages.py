@@ -186,6 +186,19 @@ def test_the_tsne_subsample_is_fixed_by_the_seed(study):
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("variant", ["mnad-pred", "memae"])
+def test_encodings_give_the_queries_and_items_of_the_full_forward_pass(study, variant):
+    """memory_usage and tsne run only the encoder and the memory read: what they see must be what the whole model
+    sees."""
+    loaded = LoadedRun(Run("tiny", variant, 0, run_dir("tiny", variant, 0, study["runs"])), study["data"])
+    dataset, indices = loaded.windows("test"), [0, 3, 4, 9, 10]
+    encoded = list(loaded.encodings(dataset, indices, batch_size=2))
+    full = list(loaded.batches(dataset, indices, batch_size=2))
+    assert [list(chosen) for chosen, _ in encoded] == [[0, 3], [4, 9], [10]]
+    for (_, encoding), (_, _, _, result) in zip(encoded, full):
+        assert torch.equal(encoding.queries, result.queries) and torch.equal(encoding.nearest, result.nearest)
+
+
 def test_replacement_table_covers_every_part_and_fill_and_writes_examples(study):
     table = replacement.replacement("tiny", study["params"], **roots(study))
     assert set(table["variant"]) == set(study["params"].analysis.replacement_variants)

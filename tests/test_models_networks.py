@@ -224,6 +224,23 @@ def test_one_encoding_decoded_under_replacements_equals_full_forward_passes(memo
     assert encoded.query_channels == (model.encoder.out_channels if memory_items else None)
 
 
+@pytest.mark.parametrize("memory_items", [0, 6])
+def test_memae_encode_is_the_forward_pass_up_to_the_decoder(memory_items):
+    torch.manual_seed(0)
+    model = MemAE(1, clip_length=8, width=0.125, memory_items=memory_items).eval()
+    x = torch.rand(3, 1, 8, 32, 32) * 2 - 1
+    with torch.no_grad():
+        encoded, result = model.encode(x), model(x)
+    assert torch.equal(encoded.queries, result.queries)
+    assert encoded.queries.shape == (3, model.encoder[-1][0].out_channels, 1, 2, 2)
+    if memory_items:
+        assert torch.equal(encoded.read, result.read) and torch.equal(encoded.nearest, result.nearest)
+        assert encoded.nearest.shape == (3, 1, 2, 2) and int(encoded.nearest.max()) < memory_items
+        assert torch.equal(model.decoder(encoded.read), result.output)
+    else:
+        assert encoded.read is None and encoded.nearest is None
+
+
 def test_copy_last_returns_the_fourth_frame_exactly():
     variant = PARAMS.variant("copy-last")
     model = build_model(variant, profile(channels=3))
