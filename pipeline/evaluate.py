@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import sklearn.metrics  # noqa: F401 - the AUCs need it; imported now, while the MLflow worker imports on the other core
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models.build import build_model, split_clip
@@ -43,7 +43,7 @@ def frame_errors(output: torch.Tensor, target: torch.Tensor, family: str) -> dic
 
 
 @torch.no_grad()
-def score_batched(model, dataset: ClipDataset, variant: Variant, batch_size: int, device) -> dict[str, np.ndarray]:
+def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_size: int, device) -> dict[str, np.ndarray]:
     """One pass with the memory frozen: batched, in any order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     parts: dict[str, list[np.ndarray]] = {}
@@ -92,6 +92,21 @@ def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
+def score_frozen_after(model, dataset: ClipDataset, variant: Variant, batch_size: int, device,
+                       updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The frozen-memory series, given the test-time-update pass's series and the model back at its trained
+    memory: every frame up to and including the first one that updated the memory was scored with the trained
+    memory, so those results are the frozen ones; only the frames after it are run again (none, when no frame
+    updated the memory, the usual case on the synthetic sets)."""
+    first_update = np.flatnonzero(updated["memory_updated"])
+    reused = int(first_update[0]) + 1 if len(first_update) else len(dataset)
+    series = {key: updated[key][:reused] for key in ("psnr", "distance")}
+    if reused < len(dataset):
+        rest = score_batched(model, Subset(dataset, range(reused, len(dataset))), variant, batch_size, device)
+        series = {key: np.concatenate([series[key], rest[key]]) for key in series}
+    return series
+
+
 def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Variant, nan_policy: str,
                suffix: str = "") -> int:
     """Add the series and the normality score columns to `frame`; returns the degenerate video count."""
@@ -123,18 +138,26 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
     scores = test_set.windows[["video", "frame", "label", "anomaly_type"]].copy()
 
     metrics: dict = {"frames": len(scores), "videos": int(scores["video"].nunique())}
-    if options.test_time_update != "with" or variant.memory != "mnad":
-        series = score_batched(model, test_set, variant, options.batch_size, device)
-        degenerate = add_scores(scores, series, variant, options.nan_policy)
+    with_update = variant.memory == "mnad" and options.test_time_update != "without"
+    without_update = options.test_time_update != "with" or variant.memory != "mnad"
+    if with_update:
+        trained_memory = {key: value.clone() for key, value in model.memory.state_dict().items()}
+        updated = score_with_update(model, test_set, variant, device, options.batch_size)
+        if without_update:
+            model.memory.load_state_dict(trained_memory)
+            frozen = score_frozen_after(model, test_set, variant, options.batch_size, device, updated)
+    elif without_update:
+        frozen = score_batched(model, test_set, variant, options.batch_size, device)
+    if without_update:
+        degenerate = add_scores(scores, frozen, variant, options.nan_policy)
         metrics["without_update"] = summarise(scores, "score", degenerate)
-        metrics["without_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
-    if variant.memory == "mnad" and options.test_time_update != "without":
-        series = score_with_update(model, test_set, variant, device, options.batch_size)
-        degenerate = add_scores(scores, series, variant, options.nan_policy, suffix="_update")
+        metrics["without_update"]["mean_psnr"] = float(np.mean(frozen["psnr"]))
+    if with_update:
+        degenerate = add_scores(scores, updated, variant, options.nan_policy, suffix="_update")
         metrics["with_update"] = summarise(scores, "score_update", degenerate)
-        metrics["with_update"]["mean_psnr"] = float(np.mean(series["psnr"]))
+        metrics["with_update"]["mean_psnr"] = float(np.mean(updated["psnr"]))
         # How many frames were under the threshold and wrote into the memory: 0 means "with" equals "without".
-        metrics["with_update"]["updated_frames"] = int(series["memory_updated"].sum())
+        metrics["with_update"]["updated_frames"] = int(updated["memory_updated"].sum())
 
     headline = "with_update" if "with_update" in metrics else "without_update"
     score_column = "score_update" if headline == "with_update" else "score"

@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from models.build import split_clip
 from models.mnad import point_score
 from pipeline import checkpoint as ckpt
+from pipeline.config import DEFAULT_PARAMS
 from pipeline.data import clip_dataset
-from pipeline.evaluate import evaluate, score_batched, score_with_update
+from pipeline.evaluate import evaluate, score_batched, score_frozen_after, score_with_update
 from pipeline.train import train
 from pipeline.tracking import _client
 
@@ -108,6 +110,49 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
     chunked = score_with_update(copy.deepcopy(model), test_set, never, torch.device("cpu"), 16)
     assert chunked["memory_updated"].sum() == 0
     np.testing.assert_allclose(chunked["psnr"], frozen["psnr"], rtol=1e-6)
+
+
+def test_the_frozen_series_reuses_the_update_pass_up_to_its_first_update(tiny_data, tmp_path):
+    path = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path)
+    model, variant, _ = ckpt.load_model(path)
+    test_set = clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant)
+    frozen = score_batched(model, test_set, variant, 16, torch.device("cpu"))
+    first_update = 7
+    updated = {"psnr": frozen["psnr"] + 1.0, "distance": frozen["distance"] + 1.0,
+               "memory_updated": np.zeros(len(test_set), dtype=np.int8)}
+    # No frame updated the memory: everything is reused and nothing is run again.
+    reused = score_frozen_after(None, test_set, variant, 16, torch.device("cpu"), updated)
+    np.testing.assert_array_equal(reused["psnr"], updated["psnr"])
+    np.testing.assert_array_equal(reused["distance"], updated["distance"])
+    # Frame 7 updated it: frames 0-7 (7 included: it was scored before its own update) come from the update pass,
+    # the rest from a frozen pass over frames 8 onwards.
+    updated["memory_updated"][[first_update, first_update + 5]] = 1
+    mixed = score_frozen_after(model, test_set, variant, 16, torch.device("cpu"), updated)
+    np.testing.assert_array_equal(mixed["psnr"][:first_update + 1], updated["psnr"][:first_update + 1])
+    np.testing.assert_allclose(mixed["psnr"][first_update + 1:], frozen["psnr"][first_update + 1:], rtol=1e-6)
+    np.testing.assert_allclose(mixed["distance"][first_update + 1:], frozen["distance"][first_update + 1:],
+                               rtol=1e-5, atol=1e-7)
+    assert len(mixed["psnr"]) == len(mixed["distance"]) == len(test_set)
+
+
+def test_evaluate_scores_without_update_against_the_trained_memory(tiny_data, tmp_path):
+    """A threshold every frame passes: each frame writes into the memory, yet the "without update" columns must be
+    those of the memory as trained (the update pass runs first and the memory is put back)."""
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    raw["variants"]["mnad-pred"]["test_threshold"] = 10.0
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    train("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
+    metrics = evaluate("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
+    scores = pd.read_csv(tmp_path / "tiny" / "mnad-pred" / "seed0" / "scores.csv", keep_default_na=False)
+    assert metrics["with_update"]["updated_frames"] == len(scores)
+    model, variant, _ = ckpt.load_model(tmp_path / "tiny" / "mnad-pred" / "seed0" / "checkpoint.pt")
+    frozen = score_batched(model, clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant), variant, 16,
+                           torch.device("cpu"))
+    np.testing.assert_allclose(scores["psnr"], frozen["psnr"], rtol=1e-6)
+    np.testing.assert_allclose(scores["distance"], frozen["distance"], rtol=1e-5, atol=1e-7)
+    assert scores["psnr"].iloc[0] == scores["psnr_update"].iloc[0]  # the first frame saw the trained memory too
+    assert not np.allclose(scores["distance"], scores["distance_update"])
 
 
 def test_a_failing_training_marks_its_mlflow_run_failed(tiny_data, tmp_path, monkeypatch):
