@@ -20,7 +20,7 @@ import torch
 from analysis import plotting
 from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, output_dirs, stage_main
 from analysis.inference import LoadedRun, psnr
-from pipeline.checkpoint import frames_dir
+from pipeline.paths import frames_dir
 from pipeline.config import ANOMALY_TYPES, Params
 from pipeline.data import read_labels
 from pipeline.errors import exit_now

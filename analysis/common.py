@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.checkpoint import RUNS_DIR, run_dir
+from pipeline.paths import RUNS_DIR, run_dir
 from pipeline.config import REPO_ROOT, Params, load_params
 from pipeline.errors import exit_cleanly
 

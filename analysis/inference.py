@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from analysis.common import Run
-from pipeline.checkpoint import frames_dir, load_model, pick_device
+from pipeline.checkpoint import load_model, pick_device
+from pipeline.paths import frames_dir
 from pipeline.data import ClipDataset, clip_dataset
 from pipeline.evaluate import frame_errors
 

@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
 
@@ -51,9 +50,11 @@ def variant_colors(all_variants: Sequence[str]) -> dict[str, tuple]:
     return {name: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, name in enumerate(all_variants)}
 
 
-def to_image(frame: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A frame [C, H, W] in [-1, 1] (BGR order when colour) -> an array imshow draws: [H, W] grey or [H, W, 3] RGB."""
-    array = frame.detach().cpu().float().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+def to_image(frame) -> np.ndarray:
+    """A frame [C, H, W] in [-1, 1], a tensor or an array (BGR order when colour) -> an array imshow draws: [H, W]
+    grey or [H, W, 3] RGB. Tensors are recognised by their `detach`, so that figure-only stages need not import
+    torch."""
+    array = frame.detach().cpu().float().numpy() if hasattr(frame, "detach") else np.asarray(frame)
     array = np.clip((array + 1.0) / 2.0, 0.0, 1.0)
     return array[0] if array.shape[0] == 1 else array[::-1].transpose(1, 2, 0)
 

@@ -1,4 +1,4 @@
-"""Run folders, checkpoints and the config fingerprint that decides whether a checkpoint can be resumed."""
+"""Checkpoints the config fingerprint that decides whether a checkpoint can be resumed."""
 from __future__ import annotations
 
 import hashlib
@@ -8,20 +8,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import REPO_ROOT, Dataset, Profile, Variant, resolved_options
+from pipeline.config import Dataset, Profile, Variant, resolved_options
 from pipeline.io import atomic_path
-
-DATA_DIR = REPO_ROOT / "data"
-RUNS_DIR = REPO_ROOT / "runs"
-
-
-def frames_dir(dataset: str, root: Path | None = None) -> Path:
-    return (root or DATA_DIR) / "frames" / dataset
-
-
-def run_dir(dataset: str, variant: str, seed: int, root: Path | None = None) -> Path:
-    return (root or RUNS_DIR) / dataset / variant / f"seed{seed}"
-
 
 def run_config(dataset: Dataset, variant: Variant, seed: int) -> dict[str, Any]:
     """Everything that determines a run's weights; stored in the checkpoint and logged as MLflow params."""

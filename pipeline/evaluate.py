@@ -29,6 +29,7 @@ from pipeline.data import ClipDataset, clip_dataset
 from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_csv, write_json
 from pipeline.metrics import normality_score, psnr_from_mse, regularity_score, roc_points, summarise
+from pipeline.paths import frames_dir, run_dir
 from pipeline.tracking import environment_tags, flatten, open_run
 
 
@@ -126,7 +127,7 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
     params = load_params(params_path)
     dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
     options = params.evaluate
-    out_dir = ckpt.run_dir(dataset_name, variant_name, seed, runs_root)
+    out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     device = ckpt.pick_device()
     torch.manual_seed(seed)
 
@@ -134,7 +135,7 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
         model, _, _ = ckpt.load_model(out_dir / "checkpoint.pt", device)
     else:
         model = build_model(variant, dataset.profile).to(device).eval()
-    test_set = clip_dataset(ckpt.frames_dir(dataset_name, data_root), "test", variant)
+    test_set = clip_dataset(frames_dir(dataset_name, data_root), "test", variant)
     scores = test_set.windows[["video", "frame", "label", "anomaly_type"]].copy()
 
     metrics: dict = {"frames": len(scores), "videos": int(scores["video"].nunique())}

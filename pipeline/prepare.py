@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import DATA_DIR
+from pipeline.paths import DATA_DIR
 from pipeline.config import load_params, resolved_options
 from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_json

@@ -31,6 +31,7 @@ from pipeline.data import clip_dataset
 from pipeline.errors import UserError, exit_cleanly, exit_now
 from pipeline.io import write_csv
 from pipeline.metrics import usage_stats
+from pipeline.paths import frames_dir, run_dir
 from pipeline.tracking import environment_tags, flatten, open_run
 
 
@@ -60,9 +61,9 @@ def train(dataset_name: str, variant_name: str, seed: int, params_path: Path | N
     params = load_params(params_path)
     dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
     profile = dataset.profile
-    out_dir = ckpt.run_dir(dataset_name, variant_name, seed, runs_root)
+    out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     checkpoint_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
-    frames = ckpt.frames_dir(dataset_name, data_root)
+    frames = frames_dir(dataset_name, data_root)
     device = ckpt.pick_device()
 
     config = ckpt.run_config(dataset, variant, seed)

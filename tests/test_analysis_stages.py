@@ -2,6 +2,8 @@
 frames, and crafted scores.csv / metrics.json / roc.csv beside them (the real evaluate stage is tested elsewhere)."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,10 +16,11 @@ from analysis import anomaly_types, comparisons, memory_usage, replacement, time
 from analysis.common import Run
 from analysis.inference import LoadedRun, psnr
 from models.build import build_model, split_clip
-from pipeline.checkpoint import frames_dir, run_config, run_dir, save_checkpoint
-from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.checkpoint import run_config, save_checkpoint
+from pipeline.config import DEFAULT_PARAMS, REPO_ROOT, load_params
 from pipeline.data import clip_dataset
 from pipeline.metrics import roc_points, summarise
+from pipeline.paths import frames_dir, run_dir
 
 VARIANTS = ["ae-recon", "ae-pred", "mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform",
             "mnad-recon-skip-sp25", "memae"]
@@ -298,3 +301,11 @@ def test_replacement_on_a_window_sample_uses_exactly_those_windows(study, tmp_pa
     psnrs = np.concatenate([psnr(result.output, target) for _, _, target, result in loaded.batches(dataset, sample, 5)])
     normal = table[(table["variant"] == "mnad-pred") & (table["seed"] == 1) & (table["part"] == "none")]
     assert normal["psnr_to_target"].item() == pytest.approx(psnrs.mean(), rel=1e-6)
+
+
+def test_the_stages_that_only_read_tables_do_not_import_torch():
+    """prepare, timelines, comparisons and report: torch's import would be most of their start-up."""
+    code = ("import sys, pipeline.prepare, analysis.timelines, analysis.comparisons, analysis.report; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'mlflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -9,9 +9,9 @@ import yaml
 
 from analysis import comparisons
 from analysis.report import write_report
-from pipeline.checkpoint import run_dir
 from pipeline.config import DEFAULT_PARAMS, load_params
 from pipeline.metrics import roc_points, summarise
+from pipeline.paths import run_dir
 
 VARIANTS = ["ae-pred", "mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform"]
 SEEDS = [0, 1]

@@ -15,6 +15,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import DEFAULT_PARAMS
 from pipeline.data import clip_dataset
 from pipeline.evaluate import evaluate, score_batched, score_frozen_after, score_with_update
+from pipeline.paths import frames_dir
 from pipeline.train import train
 from pipeline.tracking import _client
 
@@ -87,7 +88,7 @@ def test_copy_last_is_evaluated_without_a_checkpoint(tiny_data, tmp_path):
 def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_path):
     path = train("tiny", "mnad-recon", 0, data_root=tiny_data, runs_root=tmp_path)
     model, variant, _ = ckpt.load_model(path)
-    test_set = clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant)
+    test_set = clip_dataset(frames_dir("tiny", tiny_data), "test", variant)
     # A threshold at the 30th percentile of the frozen point scores: some frames update the memory, most do not.
     inputs, target = split_clip(torch.stack([test_set[i]["clip"] for i in range(len(test_set))]), variant)
     with torch.no_grad():
@@ -115,7 +116,7 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
 def test_the_frozen_series_reuses_the_update_pass_up_to_its_first_update(tiny_data, tmp_path):
     path = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path)
     model, variant, _ = ckpt.load_model(path)
-    test_set = clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant)
+    test_set = clip_dataset(frames_dir("tiny", tiny_data), "test", variant)
     frozen = score_batched(model, test_set, variant, 16, torch.device("cpu"))
     first_update = 7
     updated = {"psnr": frozen["psnr"] + 1.0, "distance": frozen["distance"] + 1.0,
@@ -147,7 +148,7 @@ def test_evaluate_scores_without_update_against_the_trained_memory(tiny_data, tm
     scores = pd.read_csv(tmp_path / "tiny" / "mnad-pred" / "seed0" / "scores.csv", keep_default_na=False)
     assert metrics["with_update"]["updated_frames"] == len(scores)
     model, variant, _ = ckpt.load_model(tmp_path / "tiny" / "mnad-pred" / "seed0" / "checkpoint.pt")
-    frozen = score_batched(model, clip_dataset(ckpt.frames_dir("tiny", tiny_data), "test", variant), variant, 16,
+    frozen = score_batched(model, clip_dataset(frames_dir("tiny", tiny_data), "test", variant), variant, 16,
                            torch.device("cpu"))
     np.testing.assert_allclose(scores["psnr"], frozen["psnr"], rtol=1e-6)
     np.testing.assert_allclose(scores["distance"], frozen["distance"], rtol=1e-5, atol=1e-7)

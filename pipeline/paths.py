@@ -1,0 +1,19 @@
+"""Where the pipeline's files live: frames under data/frames/<dataset>, runs under runs/<dataset>/<variant>/seed<S>.
+Free of torch, so that the stages which only read tables and frames (prepare, timelines, comparisons, report) do not
+pay its two-second import."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import REPO_ROOT
+
+DATA_DIR = REPO_ROOT / "data"
+RUNS_DIR = REPO_ROOT / "runs"
+
+
+def frames_dir(dataset: str, root: Path | None = None) -> Path:
+    return (root or DATA_DIR) / "frames" / dataset
+
+
+def run_dir(dataset: str, variant: str, seed: int, root: Path | None = None) -> Path:
+    return (root or RUNS_DIR) / dataset / variant / f"seed{seed}"
