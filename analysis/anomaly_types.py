@@ -11,6 +11,11 @@ Writes analysis/tables/anomaly_types/<dataset>/per_type_auc.csv and analysis/fig
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 from pathlib import Path
 
 import numpy as np

@@ -10,6 +10,11 @@ differences.png.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -10,6 +10,11 @@ analysis/figures/memory_usage/<dataset>/{usage.png, pred_vs_uniform.png}.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 import math
 from pathlib import Path
 

@@ -14,6 +14,11 @@ Writes analysis/tables/replacement/<dataset>/replacement.csv and analysis/figure
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 from pathlib import Path
 
 import numpy as np

@@ -9,6 +9,11 @@ A result appears only if the file it comes from exists and belongs to the study 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 import argparse
 import math
 import os

@@ -10,6 +10,11 @@ Writes analysis/tables/timelines/<dataset>/{videos.csv, auc.csv} and analysis/fi
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 from pathlib import Path
 
 import pandas as pd

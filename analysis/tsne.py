@@ -11,6 +11,11 @@ Writes analysis/tables/tsne/<dataset>/{silhouette.csv, embedding.csv} and analys
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 import math
 from pathlib import Path
 

@@ -6,6 +6,11 @@ keeps the archives (real) or the generator options that produced the frames (syn
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
+    from pipeline import launch
+
+    launch.prelude()
+
 import argparse
 import time
 from pathlib import Path

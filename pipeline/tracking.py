@@ -6,8 +6,9 @@ re-run updates the run instead of adding a duplicate. DVC outputs never depend o
 Importing MLflow and opening its store costs about 4 s of CPU in every stage process (78 of them in the default
 study). A stage run from the command line therefore calls `start_worker()` before its own heavy imports: a worker
 process imports MLflow on the second core while the stage imports torch on the first, and then makes the stage's
-MLflow calls, in order, from JSON lines on its stdin (`BackgroundRun`). Called as a library (tests, notebooks),
-`open_run` gives a plain in-process `Run`. This module itself imports nothing heavy.
+MLflow calls, in order, from JSON lines on its stdin (`BackgroundRun`). A stage run in pipeline.launch's preloaded
+interpreter finds MLflow already imported and needs no worker; it, and library calls (tests, notebooks), get a
+plain in-process `Run` from `open_run`. This module itself imports nothing heavy.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ run's MLflow run.
 """
 from __future__ import annotations
 
-from pipeline import tracking
+if __name__ == "__main__":  # first: run in the preloaded interpreter, or start MLflow's worker (pipeline.launch)
+    from pipeline import launch
 
-if __name__ == "__main__":  # first: MLflow's import then runs in a worker alongside ours (see pipeline.tracking)
-    tracking.start_worker()
+    launch.prelude(mlflow_worker=True)
 
 import random
 import time
