@@ -281,7 +281,8 @@ def _run_child(request: dict, fds: list[int]) -> None:
     try:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # SIGTERM unwinds like Ctrl-C (a stage's MLflow run is marked FAILED on the way out), then exits as killed.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)

@@ -90,12 +90,17 @@ def test_an_exception_in_the_stage_gives_its_traceback_and_status_1(probes):
     assert "Traceback" in err and "RuntimeError: boom in the stage" in err
 
 
-def test_ctrl_c_reaches_the_child(probes, tmp_path):
+def test_ctrl_c_and_sigterm_reach_the_child(probes, tmp_path):
     caller = hand_off(probes, "probe_sleep", str(tmp_path / "pid"))
     assert caller.stdout.readline().strip() == "ready"
     caller.send_signal(signal.SIGINT)
     out, _ = caller.communicate(timeout=30)
     assert out.strip() == "interrupted" and caller.returncode == 5
+    caller = hand_off(probes, "probe_sleep", str(tmp_path / "pid"))
+    assert caller.stdout.readline().strip() == "ready"
+    caller.send_signal(signal.SIGTERM)
+    caller.communicate(timeout=30)
+    assert caller.returncode == 128 + signal.SIGTERM   # what a shell reports for a process killed by SIGTERM
 
 
 def test_a_killed_stage_process_takes_its_child_along(probes, tmp_path):
