@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, Subset
 
 from analysis.common import Run
 from pipeline.checkpoint import load_model, pick_device
-from pipeline.paths import frames_dir
 from pipeline.data import ClipDataset, clip_dataset
 from pipeline.evaluate import frame_errors
+from pipeline.paths import frames_dir
 
 
 class LoadedRun:

@@ -1,4 +1,4 @@
-"""Checkpoints the config fingerprint that decides whether a checkpoint can be resumed."""
+"""Checkpoints, and the config fingerprint that decides whether a checkpoint can be resumed."""
 from __future__ import annotations
 
 import hashlib

@@ -44,7 +44,8 @@ def frame_errors(output: torch.Tensor, target: torch.Tensor, family: str) -> dic
 
 
 @torch.no_grad()
-def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_size: int, device) -> dict[str, np.ndarray]:
+def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_size: int,
+                  device) -> dict[str, np.ndarray]:
     """One pass with the memory frozen: batched, in any order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     parts: dict[str, list[np.ndarray]] = {}

@@ -75,8 +75,9 @@ def prelude(mlflow_worker: bool = False) -> None:
 
 def hand_off(module: str, args: list[str]) -> int | None:
     """Run `python -m module args` in a preloaded child; its exit status, or None when nothing ran (no server)."""
+    path = socket_path()
     try:
-        connection = _connect(socket_path()) or _start_server(socket_path())
+        connection = _connect(path) or _start_server(path)
     except OSError:
         return None
     if connection is None:
@@ -95,7 +96,7 @@ def hand_off(module: str, args: list[str]) -> int | None:
         except OSError:
             reply = b""
     if not reply:
-        print(f"error: the preloaded interpreter ({socket_path()}.log) ended before `python -m {module}` "
+        print(f"error: the preloaded interpreter ({path}.log) ended before `python -m {module}` "
               f"reported its status; run again, or set MEMVAD_PRELOAD=0 to run stages in their own process",
               file=sys.stderr)
         return 1

@@ -15,10 +15,10 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.paths import DATA_DIR
 from pipeline.config import load_params, resolved_options
 from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_json
+from pipeline.paths import DATA_DIR
 
 
 def prepare(dataset_name: str, params_path: Path | None = None, data_root: Path | None = None) -> dict:
