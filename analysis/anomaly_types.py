@@ -11,11 +11,6 @@ Writes analysis/tables/anomaly_types/<dataset>/per_type_auc.csv and analysis/fig
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +18,14 @@ import pandas as pd
 import torch
 
 from analysis import plotting
-from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, output_dirs, stage_main
-from analysis.inference import LoadedRun, psnr
-from pipeline.paths import frames_dir
+from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, output_dirs
+from analysis.inference import LoadedRun, loaded_run
 from pipeline.config import ANOMALY_TYPES, Params
 from pipeline.data import read_labels
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
+from pipeline.metrics import headline_scoring
+from pipeline.paths import frames_dir
+from pipeline.scoring import psnr
 
 TOPIC = "anomaly_types"
 # The example models: the first of each list that has a checkpoint.
@@ -112,7 +108,7 @@ def first_loaded(dataset: str, params: Params, runs_root: Path | None, data_root
     for variant in candidates:  # the preferred model first, whatever its place in the study
         for run in runs:
             if run.variant == variant:
-                return LoadedRun(run, data_root)
+                return loaded_run(run, params, data_root)
     return None
 
 
@@ -157,8 +153,3 @@ def examples_figure(dataset: str, params: Params, runs_root: Path | None, data_r
     fig.suptitle(f"{dataset}: one event of each type (seed {models[0].run.seed})")
     return plotting.save(fig, path)
 
-
-main = stage_main(anomaly_types, "per-anomaly-type AUC and example events (C7)")
-
-if __name__ == "__main__":
-    exit_now(main())

@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from pipeline.paths import RUNS_DIR, run_dir
+from pipeline import tracking
 from pipeline.config import REPO_ROOT, Params, load_params
 from pipeline.errors import exit_cleanly
+from pipeline.paths import RUNS_DIR, run_dir
 
 ANALYSIS_DIR = REPO_ROOT / "analysis"
 BASELINE = "copy-last"
@@ -85,12 +87,6 @@ def runs_by_variant(runs: Iterable[Run]) -> dict[str, list[Run]]:
     return grouped
 
 
-def headline_scoring(metrics: dict) -> str:
-    """The scoring a variant is judged by: with test-time update where the variant has it (as MNAD evaluates),
-    else without."""
-    return "with_update" if "with_update" in metrics else "without_update"
-
-
 def output_dirs(topic: str, dataset: str, out_root: Path | None = None) -> tuple[Path, Path]:
     """Fresh analysis/figures/<topic>/<dataset>/ and analysis/tables/<topic>/<dataset>/ (old contents removed, so
     a figure of a variant that no longer runs cannot linger)."""
@@ -121,9 +117,11 @@ def seeded_subset(count: int, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=cap, replace=False))
 
 
-def stage_main(analyse: Callable[..., object], description: str) -> Callable[[list[str] | None], int]:
-    """The command line of an analysis stage: `python -m analysis.<module> [--dataset D ...] [--params P]`; without
-    --dataset it analyses every dataset of the study."""
+def stage_main(description: str, analyses: Mapping[str, Callable[[str, Params], object]]
+               ) -> Callable[[list[str] | None], int]:
+    """The command line of an analysis stage: `python -m analysis.<stage> [--dataset D ...] [--params P]` runs each
+    of `analyses` (topic -> function) on the datasets (default: all of the study's), then logs each topic's
+    figures into the dataset's MLflow study run (pipeline.tracking.study_run) under figures/<topic>."""
 
     @exit_cleanly
     def main(argv: list[str] | None = None) -> int:
@@ -132,10 +130,17 @@ def stage_main(analyse: Callable[..., object], description: str) -> Callable[[li
         parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
         args = parser.parse_args(argv)
         params = load_params(args.params)
-        for dataset in args.dataset or params.study.all_datasets:
-            params.dataset(dataset)  # a clear error for an unknown name
-            analyse(dataset, params)
-            print(f"{description}: {dataset} done")
+        datasets = args.dataset or params.study.all_datasets
+        for dataset in datasets:
+            params.dataset(dataset)  # a clear error for an unknown name, before any work
+        for dataset in datasets:
+            for topic, analyse in analyses.items():
+                started = time.perf_counter()
+                analyse(dataset, params)
+                print(f"{topic} on {dataset}: {time.perf_counter() - started:.1f} s")
+            study = tracking.study_run(dataset)
+            for topic in analyses:
+                study.log_artifacts(ANALYSIS_DIR / "figures" / topic / dataset, f"figures/{topic}")
         return 0
 
     return main

@@ -10,11 +10,6 @@ differences.png.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +18,10 @@ import pandas as pd
 
 from analysis import plotting
 from analysis.bootstrap import NOT_RUN, SeedScores, Term, paired_bootstrap
-from analysis.common import (BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, output_dirs, stage_main,
-                             study_variants)
+from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, output_dirs, study_variants
 from pipeline.config import Params
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
+from pipeline.metrics import headline_scoring
 
 TOPIC = "comparisons"
 VERDICT_COLORS = {"holds": "#1a9850", "does not hold": plotting.ALERT, "inconclusive": "#7f7f7f"}
@@ -181,8 +175,3 @@ def differences_figure(table: pd.DataFrame, path: Path, dataset: str) -> Path:
     ax.set_title(f"{dataset}: green holds, red does not hold, grey inconclusive; open marks are context")
     return plotting.save(fig, path)
 
-
-main = stage_main(compare, "paired-bootstrap comparisons behind the claims")
-
-if __name__ == "__main__":
-    exit_now(main())

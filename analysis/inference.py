@@ -1,4 +1,7 @@
-"""Running a trained model of a run over chosen windows of a split: the shared loop of the model-based analyses."""
+"""Running a trained model of a run over chosen windows of a split: the shared loop of the model-based analyses.
+
+`loaded_run` loads each run's model once per process, so the model analyses of one dataset (one stage) share it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,20 +12,27 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from analysis.common import Run
-from pipeline.checkpoint import load_model, pick_device
+from models.clips import split_clip
+from pipeline.checkpoint import load_trained_model
+from pipeline.config import Params
 from pipeline.data import ClipDataset, clip_dataset
-from pipeline.evaluate import frame_errors
+from pipeline.device import compute_device
 from pipeline.paths import frames_dir
+
+_LOADED: dict[tuple, "LoadedRun"] = {}
 
 
 class LoadedRun:
-    """A run's model in eval mode with the variant and profile it was trained with, and its frames folder."""
+    """A run's trained model in eval mode with its variant and profile (from params.yaml, checked against the
+    checkpoint's fingerprint), and its frames folder."""
 
-    def __init__(self, run: Run, data_root: Path | None = None, device: torch.device | None = None):
+    def __init__(self, run: Run, params: Params, data_root: Path | None = None, device: torch.device | None = None):
         self.run = run
-        self.device = device or pick_device()
-        self.model, self.variant, self.profile = load_model(run.checkpoint, self.device)
+        self.device = device or compute_device()
+        dataset = params.dataset(run.dataset)
+        self.variant, self.profile = params.variant(run.variant), dataset.profile
         self.frames = frames_dir(run.dataset, data_root)
+        self.model = load_trained_model(run.checkpoint, dataset, self.variant, run.seed, self.frames, self.device)
 
     def windows(self, split: str) -> ClipDataset:
         return clip_dataset(self.frames, split, self.variant)
@@ -31,8 +41,6 @@ class LoadedRun:
               batch_size: int = 16) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """Yield (window indices, inputs, target) over `indices` (default: every window), in order, on the device."""
         chosen = Subset(dataset, list(indices)) if indices is not None else dataset
-        from models.build import split_clip
-
         for batch in DataLoader(chosen, batch_size=batch_size, shuffle=False):
             inputs, target = split_clip(batch["clip"], self.variant)
             yield batch["index"].numpy(), inputs.to(self.device), target.to(self.device)
@@ -68,6 +76,14 @@ class LoadedRun:
         return inputs, target, result
 
 
-def psnr(output: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """Per-sample PSNR of images in [-1, 1], measured on [0, 1] exactly as the evaluation does."""
-    return frame_errors(output, target, family="mnad")["psnr"]
+def loaded_run(run: Run, params: Params, data_root: Path | None = None) -> LoadedRun:
+    """The run's LoadedRun, loaded on first use in this process. The key holds the checkpoint's identity and the
+    run's options, so a changed checkpoint or params is loaded again. Analyses only read the model (the memory is
+    never updated here), so sharing it is safe."""
+    variant = params.variant(run.variant)
+    stat = run.checkpoint.stat() if run.checkpoint.exists() else None
+    key = (str(run.checkpoint), stat.st_mtime_ns if stat else None, str(data_root), variant.model_dump_json(),
+           params.dataset(run.dataset).profile.model_dump_json())
+    if key not in _LOADED:
+        _LOADED[key] = LoadedRun(run, params, data_root)
+    return _LOADED[key]

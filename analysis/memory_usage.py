@@ -10,11 +10,6 @@ analysis/figures/memory_usage/<dataset>/{usage.png, pred_vs_uniform.png}.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 import math
 from pathlib import Path
 
@@ -23,10 +18,9 @@ import pandas as pd
 import torch
 
 from analysis import plotting
-from analysis.common import existing_runs, output_dirs, runs_by_variant, seeded_subset, stage_main
-from analysis.inference import LoadedRun
+from analysis.common import existing_runs, output_dirs, runs_by_variant, seeded_subset
+from analysis.inference import LoadedRun, loaded_run
 from pipeline.config import Params
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
 from pipeline.metrics import usage_stats
 
@@ -64,7 +58,7 @@ def memory_usage(dataset: str, params: Params, runs_root: Path | None = None, da
     histograms: dict[tuple[str, int, str], np.ndarray] = {}
     usage_rows, count_rows = [], []
     for run in runs:
-        loaded = LoadedRun(run, data_root)
+        loaded = loaded_run(run, params, data_root)
         for split in SPLITS:
             cap = options.usage_test_windows if split == "test" else options.usage_train_windows
             counts = nearest_item_counts(loaded, split, cap, params.evaluate.batch_size)
@@ -151,8 +145,3 @@ def usage_panel(ax, histograms: dict, usage: pd.DataFrame, variant: str, seed: i
     if collapsed:
         ax.set_facecolor("#fdecea")
 
-
-main = stage_main(memory_usage, "memory usage per item (C5, C6)")
-
-if __name__ == "__main__":
-    exit_now(main())

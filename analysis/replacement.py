@@ -14,11 +14,6 @@ Writes analysis/tables/replacement/<dataset>/replacement.csv and analysis/figure
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +21,13 @@ import pandas as pd
 import torch
 
 from analysis import plotting
-from analysis.common import existing_runs, output_dirs, seeded_subset, stage_main
-from analysis.inference import LoadedRun, psnr
+from analysis.common import existing_runs, output_dirs, seeded_subset
+from analysis.inference import LoadedRun, loaded_run
 from models.mnad import Replacement
 from pipeline.config import Params
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
 from pipeline.metrics import auc, normality_score
+from pipeline.scoring import psnr
 
 TOPIC = "replacement"
 FILLS = Replacement.FILLS
@@ -89,7 +84,7 @@ def replacement(dataset: str, params: Params, runs_root: Path | None = None, dat
     runs = existing_runs(params, dataset, runs_root, options.replacement_variants, needs=("checkpoint.pt",))
     rows, drawn = [], set()
     for run in runs:
-        loaded = LoadedRun(run, data_root)
+        loaded = loaded_run(run, params, data_root)
         windows = loaded.windows("test").windows
         sample = seeded_subset(len(windows), options.replacement_windows, run.seed)
         examples = sample[np.unique(np.linspace(0, len(sample) - 1, options.replacement_examples).round().astype(int))]
@@ -168,8 +163,3 @@ def examples_figure(images: dict, windows: pd.DataFrame, run, path: Path) -> Pat
     fig.suptitle(f"{run.dataset} {run.variant} seed {run.seed}: outputs with the decoder input replaced")
     return plotting.save(fig, path)
 
-
-main = stage_main(replacement, "feature replacement at the decoder input (C4)")
-
-if __name__ == "__main__":
-    exit_now(main())

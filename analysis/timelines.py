@@ -10,20 +10,15 @@ Writes analysis/tables/timelines/<dataset>/{videos.csv, auc.csv} and analysis/fi
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 from pathlib import Path
 
 import pandas as pd
 
 from analysis import plotting
-from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, headline_scoring, mean_std, output_dirs, stage_main
+from analysis.common import BASELINE, SCORE_COLUMNS, existing_runs, mean_std, output_dirs
 from pipeline.config import Params
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
+from pipeline.metrics import headline_scoring
 
 TOPIC = "timelines"
 
@@ -106,8 +101,3 @@ def timelines(dataset: str, params: Params, runs_root: Path | None = None,
     plotting.save(fig, figures / "roc.png")
     return aucs
 
-
-main = stage_main(timelines, "score timelines and ROC curves")
-
-if __name__ == "__main__":
-    exit_now(main())

@@ -11,11 +11,6 @@ Writes analysis/tables/tsne/<dataset>/{silhouette.csv, embedding.csv} and analys
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before the imports: run in the preloaded interpreter (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude()
-
 import math
 from pathlib import Path
 
@@ -25,11 +20,10 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
 from analysis import plotting
-from analysis.common import existing_runs, mean_std, output_dirs, runs_by_variant, seeded_subset, stage_main
-from analysis.inference import LoadedRun
+from analysis.common import existing_runs, mean_std, output_dirs, runs_by_variant, seeded_subset
+from analysis.inference import LoadedRun, loaded_run
 from models.memory import flatten_queries
 from pipeline.config import Params
-from pipeline.errors import exit_now
 from pipeline.io import write_csv
 
 TOPIC = "tsne"
@@ -78,7 +72,7 @@ def tsne(dataset: str, params: Params, runs_root: Path | None = None, data_root:
     scores, embeddings = [], []
     drawn = set()
     for run in runs:
-        loaded = LoadedRun(run, data_root)
+        loaded = loaded_run(run, params, data_root)
         queries, nearest = sample_queries(loaded, options.tsne_queries, params.evaluate.batch_size)
         scores.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "queries": len(queries),
                        "items_used": len(np.unique(nearest)), "silhouette": silhouette(queries, nearest)})
@@ -128,8 +122,3 @@ def tsne_figure(embedding: pd.DataFrame, silhouettes: pd.DataFrame, grouped: dic
     fig.suptitle(f"{dataset}: t-SNE of test queries, coloured by nearest memory item")
     return plotting.save(fig, path)
 
-
-main = stage_main(tsne, "t-SNE of query features and their silhouette (C9)")
-
-if __name__ == "__main__":
-    exit_now(main())

@@ -1,7 +1,7 @@
 """Parameter counts and CPU forward time of the paper configurations: `python benchmarks/param_count.py`.
 
-MNAD variants at the `paper` profile (width 1.0, 256x256, BGR, 4 input frames for prediction, 1 for
-reconstruction); MemAE on 16 x 256 x 256 grey clips with 2000 items. Time is one sample, eval mode, no gradient,
+MNAD variants at the papers' profile (ped2's in params.yaml: width 1.0, 256x256, BGR, 4 input frames for prediction,
+1 for reconstruction); MemAE on 16 x 256 x 256 grey clips with 2000 items. Time is one sample, eval mode, no gradient,
 best of `--repeats` after one warm-up pass.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.build import build_model, split_clip  # noqa: E402
+from models.build import build_model  # noqa: E402
+from models.clips import split_clip  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 
 VARIANTS = ("mnad-pred", "mnad-recon", "ae-pred", "memae")
@@ -26,8 +27,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     params = load_params()
-    profile = params.profiles["paper"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, profile 'paper' "
+    profile = params.dataset("ped2").profile
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, ped2's profile "
           f"(width {profile.width}, {profile.frame_size}x{profile.frame_size})")
     print(f"{'variant':<12} {'input':<22} {'parameters':>12} {'memory buffer':>14} {'forward s':>10}")
     for name in VARIANTS:

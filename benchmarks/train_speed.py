@@ -1,6 +1,6 @@
-"""Training and evaluation speed per variant at a profile's size, on random clips (no disk I/O).
+"""Training and evaluation speed per variant at a dataset's profile size, on random clips (no disk I/O).
 
-    python benchmarks/train_speed.py [--profile synthetic] [--steps 20]
+    python benchmarks/train_speed.py [--dataset synthetic] [--steps 20]
 
 Prints ms per training sample and per evaluated sample for every variant of the study, plus an estimate of one
 training run's compute (profile.epochs x max_train_clips samples). Used to size the synthetic profile.
@@ -16,19 +16,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.build import build_model, compute_loss, split_clip  # noqa: E402
+from models.build import build_model  # noqa: E402
+from models.clips import split_clip  # noqa: E402
+from models.losses import compute_loss  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--profile", default="synthetic")
+    parser.add_argument("--dataset", default="synthetic", help="the dataset whose profile sets the sizes")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     params = load_params()
-    profile = params.profiles[args.profile]
+    profile = params.dataset(args.dataset).profile
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"profile {args.profile}: {profile.frame_size}px x{profile.channels}, width {profile.width}, "
+    print(f"profile of {args.dataset}: {profile.frame_size}px x{profile.channels}, width {profile.width}, "
           f"batch {profile.batch_size}, device {device}, torch threads {torch.get_num_threads()}")
     print(f"{'variant':24s} {'params':>10s} {'train ms/sample':>16s} {'eval ms/sample':>15s} {'train s/run':>12s}")
     for name in (*params.study.variants, "copy-last"):

@@ -2,7 +2,9 @@
 
 No file I/O, no params parsing: pipeline/ builds models through models.build.
 """
-from models.build import build_model, compute_loss, memae_loss, mnad_loss, split_clip
+from models.build import build_model
+from models.clips import split_clip
+from models.losses import compute_loss, memae_loss, mnad_loss
 from models.memae import MemAE
 from models.memory import Memory
 from models.mnad import MNAD, CopyLast, Replacement, point_score

@@ -1,17 +1,14 @@
-"""The one place a variant becomes a model, a clip becomes (inputs, target), and a result becomes a loss.
+"""The one place a variant becomes a model.
 
 `variant` and `profile` are read by attribute (duck-typed pipeline.config.Variant and Profile), so models/ stays
 free of params parsing. A variant is a set of options over one network, never a copied class.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.memae import MemAE
 from models.mnad import MNAD, CopyLast
-from models.output import ModelOutput
 
 
 def image_channels(variant, profile) -> int:
@@ -43,53 +40,3 @@ def build_model(variant, profile) -> nn.Module:
                      memory_items=variant.memory_items if variant.memory == "memae" else 0,
                      shrink_threshold=variant.shrink_threshold, addressing=variant.addressing)
     raise ValueError(f"variant {variant.name!r}: unknown family {variant.family!r}; valid: mnad, memae, copy_last")
-
-
-def split_clip(clip: torch.Tensor, variant) -> tuple[torch.Tensor, torch.Tensor]:
-    """A clip [B, L, C, H, W] in [-1, 1], L = variant.window, -> (model inputs, target).
-
-    mnad / copy_last predict:  inputs = the first input_frames frames stacked on channels [B, F*C, H, W],
-                               target = the last frame [B, C, H, W].
-    mnad reconstruct:          inputs = target = the frames stacked on channels ([B, C, H, W] for one frame).
-    memae:                     inputs = target = the clip as [B, C, T, H, W].
-    The target is never corrupted here; input noise is applied by the caller (models.noise).
-    """
-    if clip.dim() != 5 or clip.shape[1] != variant.window:
-        raise ValueError(f"variant {variant.name!r} expects clips [B, {variant.window}, C, H, W], "
-                         f"got shape {tuple(clip.shape)}")
-    if variant.family == "memae":
-        volume = clip.transpose(1, 2).contiguous()
-        return volume, volume
-    batch, _, _, height, width = clip.shape
-    inputs = clip[:, :variant.input_frames].reshape(batch, -1, height, width)
-    target = clip[:, variant.input_frames] if variant.task == "predict" else inputs
-    return inputs, target
-
-
-def mnad_loss(result: ModelOutput, target: torch.Tensor, variant) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE(output, target) + lc * compactness + ls * separateness + lu * uniform. Terms the model did not compute
-    (no memory) and terms of weight 0 add nothing; every computed term is returned for logging."""
-    mse = F.mse_loss(result.output, target)
-    terms = {"mse": mse, **result.loss_terms}
-    weights = {"compactness": variant.compactness_weight, "separateness": variant.separateness_weight,
-               "uniform": variant.uniform_weight}
-    total = mse
-    for name, weight in weights.items():
-        if weight and name in terms:
-            total = total + weight * terms[name]
-    return total, terms
-
-
-def memae_loss(result: ModelOutput, target: torch.Tensor, variant) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE(output, target) + entropy_weight * addressing entropy."""
-    mse = F.mse_loss(result.output, target)
-    terms = {"mse": mse, **result.loss_terms}
-    total = mse
-    if variant.entropy_weight and "entropy" in terms:
-        total = total + variant.entropy_weight * terms["entropy"]
-    return total, terms
-
-
-def compute_loss(result: ModelOutput, target: torch.Tensor, variant) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loop's one entry point: (total loss, named terms) for the variant's family."""
-    return memae_loss(result, target, variant) if variant.family == "memae" else mnad_loss(result, target, variant)

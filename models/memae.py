@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.mnad import scaled
+from models.channels import scaled
 from models.output import ModelOutput
 
 PAPER_CHANNELS = (96, 128, 256, 256)

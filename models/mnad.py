@@ -18,15 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.channels import scaled
 from models.memory import Memory
 from models.output import ModelOutput
 
 PAPER_CHANNELS = (64, 128, 256, 512)
 DECODERS = ("paper", "rc2020")
-
-
-def scaled(channels: int, width: float) -> int:
-    return max(1, round(channels * width))
 
 
 def conv_block(in_channels: int, out_channels: int, final_activation: bool = True) -> nn.Sequential:

@@ -1,18 +1,25 @@
-"""Typed, validated view of params.yaml. No other module parses YAML.
+"""Typed, validated view of params.yaml (pydantic models). No other module parses params.yaml.
 
 Every user mistake (unknown dataset or variant, missing key, wrong type, unknown option) raises ConfigError with
-one message naming the key and what is valid; stage entry points turn it into a clean exit (see pipeline.cli).
+one message naming the key path, what is valid and how to fix it; stage entry points turn it into a clean exit
+(pipeline.errors.exit_cleanly). Pydantic does the type checking; `_explain` words its first error this project's
+way ("params.yaml: datasets.tiny.profile.epochs: missing (expected int)").
+
+Layout of params.yaml: `study` (which runs `dvc repro` makes), `datasets` (per dataset: its `kind`, the `profile`
+its frames and training use, and the `source` its frames are made from), `variant_defaults` and `variants` (a
+variant is a few options over the defaults), `evaluate` and `analysis`.
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import model_validator
 
 from pipeline.errors import UserError
 
@@ -28,144 +35,155 @@ class ConfigError(UserError, ValueError):
     """A problem in params.yaml that the user fixes by editing it."""
 
 
-@dataclass(frozen=True)
-class Profile:
-    frame_size: int
-    channels: int
-    width: float
-    epochs: int
-    batch_size: int
-    lr: float
-    max_train_clips: int
-    num_workers: int
+class Options(BaseModel):
+    """A mapping of options: every field required unless it has a default, no unknown keys, immutable."""
 
-    def validate(self, key: str) -> None:
-        _check(self.frame_size >= 8 and self.frame_size % 8 == 0, f"{key}.frame_size",
-               f"must be a multiple of 8 and at least 8, got {self.frame_size}")
-        _check(self.channels in (1, 3), f"{key}.channels", f"must be 1 (grey) or 3 (BGR colour), got {self.channels}")
-        _check(self.width > 0, f"{key}.width", f"must be positive, got {self.width}")
-        _check(self.epochs >= 1, f"{key}.epochs", f"must be at least 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be at least 1, got {self.batch_size}")
-        _check(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
-        _check(self.max_train_clips >= 0, f"{key}.max_train_clips", "must be 0 (all clips) or a positive count")
-        _check(self.num_workers >= 0, f"{key}.num_workers", "must be 0 or more")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class SyntheticGenerator:
-    render_size: int
-    train_videos: int
-    test_videos: int
-    frames_per_video: int
-    objects: tuple[int, int]
-    circle_radius: float
-    square_equal_area: bool
-    square_side: float
-    normal_speed: float
-    anomaly_speed: float
-    event_length: tuple[int, int]
-    event_gap: tuple[int, int]
-    anomaly_types: tuple[str, ...]
-    transform_existing: bool
-    scenes: int
-    noise_std: float
+def rule(test, message: str) -> AfterValidator:
+    """A check on one value; `message` is formatted with the value (as a list for a pair) when the check fails."""
+    def check(value):
+        if not test(value):
+            raise ValueError(message.format(value=list(value) if isinstance(value, tuple) else value))
+        return value
+    return AfterValidator(check)
 
-    def validate(self, key: str) -> None:
-        for name in ("objects", "event_length", "event_gap"):
-            lo, hi = getattr(self, name)
-            _check(0 <= lo <= hi, f"{key}.{name}", f"must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
-        _check(self.objects[0] >= 1, f"{key}.objects", "needs at least one object per video")
-        _check(self.event_length[0] >= 1, f"{key}.event_length", "events last at least one frame")
-        for t in self.anomaly_types:
-            _check(t in ANOMALY_TYPES, f"{key}.anomaly_types", f"unknown type {t!r}; valid: {list(ANOMALY_TYPES)}")
-        _check(self.render_size >= 16, f"{key}.render_size", "must be at least 16")
-        _check(self.frames_per_video >= 16, f"{key}.frames_per_video", "must be at least 16 (MemAE clip length)")
-        _check(self.scenes >= 1, f"{key}.scenes", "must be at least 1")
-        _check(self.circle_radius > 0 and self.square_side > 0, key, "shape sizes must be positive")
+
+def at_least(minimum: int, why: str = "") -> AfterValidator:
+    return rule(lambda v: v >= minimum, f"must be at least {minimum}{why}, got {{value}}")
+
+
+Positive = Annotated[StrictFloat, rule(lambda v: v > 0, "must be positive, got {value}")]
+Count = Annotated[StrictInt, at_least(1)]
+CountOrAll = Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 (all) or a positive count, got {value}")]
+Range = Annotated[tuple[StrictInt, StrictInt],
+                  rule(lambda v: 0 <= v[0] <= v[1], "must be [min, max] with 0 <= min <= max, got {value}")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class Profile(Options):
+    """How one dataset's frames are stored (prepare) and how models are trained on them."""
+
+    frame_size: Annotated[StrictInt, rule(lambda v: v >= 8 and v % 8 == 0,
+                                          "must be a multiple of 8 and at least 8, got {value}")]
+    channels: Annotated[StrictInt, rule(lambda v: v in (1, 3), "must be 1 (grey) or 3 (BGR colour), got {value}")]
+    width: Positive
+    epochs: Count
+    batch_size: Count
+    lr: Positive
+    max_train_clips: CountOrAll     # 0 = every clip of the training set each epoch
+    num_workers: Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 or more, got {value}")]  # speed only
+
+
+class SyntheticSource(Options):
+    """The moving-shapes generator (pipeline.synthetic)."""
+
+    seed: StrictInt = 0
+    render_size: Annotated[StrictInt, at_least(16)]
+    train_videos: StrictInt
+    test_videos: StrictInt
+    frames_per_video: Annotated[StrictInt, at_least(16, " (MemAE clip length)")]
+    objects: Annotated[Range, rule(lambda v: v[0] >= 1, "needs at least one object per video")]
+    circle_radius: Positive
+    square_equal_area: StrictBool
+    square_side: Positive
+    normal_speed: StrictFloat
+    anomaly_speed: StrictFloat
+    event_length: Annotated[Range, rule(lambda v: v[0] >= 1, "events last at least one frame")]
+    event_gap: Range
+    anomaly_types: tuple[Literal["spatial", "temporal", "spatio_temporal"], ...]
+    transform_existing: StrictBool
+    scenes: Count
+    noise_std: StrictFloat
 
     @property
     def square_size(self) -> float:
         """Side of the square; by default the side whose area equals the circle's (r * sqrt(pi))."""
-        import math
-
         return self.circle_radius * math.sqrt(math.pi) if self.square_equal_area else self.square_side
 
 
-@dataclass(frozen=True)
-class Archive:
+class Archive(Options):
     """One downloadable file of a real dataset."""
 
-    name: str                   # file name under data/raw/<dataset>/
-    urls: tuple[str, ...]       # tried in order (mirrors allowed)
-    sha256: str
-    local_path: str | None = None   # an archive the user already has; verified, never downloaded
+    name: StrictStr                     # file name under data/raw/<dataset>/
+    urls: tuple[StrictStr, ...]         # tried in order (mirrors allowed)
+    sha256: StrictStr
+    local_path: StrictStr | None = None  # an archive the user already has; verified, never downloaded
 
 
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    kind: str
-    profile_name: str
+class ArchiveSource(Options):
+    """Where a real dataset's archives come from and how they are extracted (pipeline.datasets)."""
+
+    format: Literal["raw", "preextracted"] = "raw"
+    extract_workers: Annotated[StrictInt, at_least(1, " (1 = no extra processes)")] = 2   # speed only
+    archives: dict[Literal["raw", "preextracted"],
+                   Annotated[tuple[Archive, ...], rule(len, "expected a list of archives, got {value}")]]
+
+    @model_validator(mode="after")
+    def _format_listed(self):
+        if self.format not in self.archives:
+            raise ValueError(f"no archives listed for format {self.format!r}; listed: {sorted(self.archives)}")
+        return self
+
+
+class Dataset(Options):
+    name: StrictStr
+    kind: Literal["synthetic", "ped2", "avenue", "shanghaitech"]
     profile: Profile
-    seed: int = 0
-    generator: SyntheticGenerator | None = None
-    format: str = "raw"                                  # raw | preextracted (real datasets)
-    sources: Mapping[str, tuple[Archive, ...]] = field(default_factory=dict)
-    extract_workers: int = 2
+    source: Union[SyntheticSource, ArchiveSource]
 
     @property
     def is_synthetic(self) -> bool:
         return self.kind in SYNTHETIC_KINDS
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    family: str
-    task: str
-    input_frames: int
-    memory: str
-    skips: bool
-    decoder: str
-    grayscale: bool
-    memory_items: int
-    compactness_weight: float
-    separateness_weight: float
-    uniform_weight: float
-    update_norm: str
-    alpha: float
-    test_threshold: float
-    noise: str
-    noise_amount: float
-    noise_rc2020_scaling: bool
-    entropy_weight: float
-    shrink_threshold: float
-    addressing: str
-    lr: float | None
+# ----------------------------------------------------------------------------------------------------------------
+# Variants
 
-    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "family": ("mnad", "memae", "copy_last"),
-        "task": ("predict", "reconstruct"),
-        "memory": ("none", "mnad", "memae"),
-        "decoder": ("paper", "rc2020"),
-        "update_norm": ("official", "paper"),
-        "noise": ("none", "salt_pepper"),
-        "addressing": ("dot", "cosine"),
-    }
 
-    def validate(self, key: str) -> None:
-        for option, valid in self.CHOICES.items():
-            value = getattr(self, option)
-            _check(value in valid, f"{key}.{option}", f"unknown value {value!r}; valid: {list(valid)}")
-        _check(self.input_frames >= 1, f"{key}.input_frames", "must be at least 1")
-        _check(0.0 <= self.noise_amount < 1.0, f"{key}.noise_amount", "must be a fraction in [0, 1)")
-        _check(0.0 <= self.alpha <= 1.0, f"{key}.alpha", "must be in [0, 1]")
-        if self.family == "memae":
-            _check(self.memory in ("memae", "none"), f"{key}.memory", "a memae variant takes memory memae or none")
-        if self.family == "mnad":
-            _check(self.memory in ("mnad", "none"), f"{key}.memory", "an mnad variant takes memory mnad or none")
-        if self.family == "copy_last":
-            _check(self.task == "predict" and self.input_frames >= 1, f"{key}.task", "copy_last only predicts")
+# The options that determine a variant's trained weights; the others (alpha, test_threshold) only score.
+TRAINING_OPTIONS = ("family", "task", "input_frames", "memory", "skips", "decoder", "grayscale", "memory_items",
+                    "compactness_weight", "separateness_weight", "uniform_weight", "update_norm", "noise",
+                    "noise_amount", "noise_rc2020_scaling", "entropy_weight", "shrink_threshold", "addressing", "lr")
+
+
+class Variant(Options):
+    name: StrictStr
+    family: Literal["mnad", "memae", "copy_last"]
+    task: Literal["predict", "reconstruct"]
+    input_frames: Count
+    memory: Literal["none", "mnad", "memae"]
+    skips: StrictBool
+    decoder: Literal["paper", "rc2020"]
+    grayscale: StrictBool
+    memory_items: StrictInt
+    compactness_weight: StrictFloat
+    separateness_weight: StrictFloat
+    uniform_weight: StrictFloat
+    update_norm: Literal["official", "paper"]
+    alpha: Annotated[StrictFloat, rule(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")]
+    test_threshold: StrictFloat
+    noise: Literal["none", "salt_pepper"]
+    noise_amount: Annotated[StrictFloat, rule(lambda v: 0.0 <= v < 1.0, "must be a fraction in [0, 1)")]
+    noise_rc2020_scaling: StrictBool
+    entropy_weight: StrictFloat
+    shrink_threshold: StrictFloat
+    addressing: Literal["dot", "cosine"]
+    lr: StrictFloat | None
+
+    @model_validator(mode="after")
+    def _family(self):
+        if self.family == "memae" and self.memory not in ("memae", "none"):
+            raise ValueError("memory: a memae variant takes memory memae or none")
+        if self.family == "mnad" and self.memory not in ("mnad", "none"):
+            raise ValueError("memory: an mnad variant takes memory mnad or none")
+        if self.family == "copy_last" and self.task != "predict":
+            raise ValueError("task: copy_last only predicts")
+        return self
 
     @property
     def has_memory(self) -> bool:
@@ -192,74 +210,70 @@ class Variant:
             return self.input_frames // 2
         return self.window - 1
 
+    def training_options(self) -> dict[str, Any]:
+        """The options that determine the trained weights (alpha and the update threshold only score)."""
+        return {name: getattr(self, name) for name in TRAINING_OPTIONS}
 
-@dataclass(frozen=True)
-class Study:
-    datasets: tuple[str, ...]
-    variants: tuple[str, ...]
-    collapse_datasets: tuple[str, ...]
-    collapse_variants: tuple[str, ...]
-    seeds: tuple[int, ...]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Study, evaluation, analysis
+
+
+class Study(Options):
+    """Which runs `dvc repro` makes: every variant on every dataset with every seed, and on the complex datasets
+    (the ones that probe memory collapse, claim C5) only the complex_variants."""
+
+    datasets: tuple[StrictStr, ...]
+    variants: tuple[StrictStr, ...]
+    complex_datasets: tuple[StrictStr, ...]
+    complex_variants: tuple[StrictStr, ...]
+    seeds: tuple[StrictInt, ...]
 
     @property
     def all_datasets(self) -> tuple[str, ...]:
         """Every dataset of the study: prepared, evaluated with copy-last, analysed."""
-        return self.datasets + tuple(d for d in self.collapse_datasets if d not in self.datasets)
+        return self.datasets + tuple(d for d in self.complex_datasets if d not in self.datasets)
 
     def variants_for(self, dataset: str) -> tuple[str, ...]:
-        """The trained variants of one dataset (all of them, or the collapse study's)."""
+        """The trained variants of one dataset (all of them, or the complex datasets' subset)."""
         if dataset in self.datasets:
             return self.variants
-        return self.collapse_variants if dataset in self.collapse_datasets else ()
+        return self.complex_variants if dataset in self.complex_datasets else ()
 
     @property
     def all_variants(self) -> tuple[str, ...]:
-        return self.variants + tuple(v for v in self.collapse_variants if v not in self.variants)
+        return self.variants + tuple(v for v in self.complex_variants if v not in self.variants)
 
 
-@dataclass(frozen=True)
-class Evaluate:
-    batch_size: int
-    nan_policy: str
-    test_time_update: str
+class Evaluate(Options):
+    batch_size: Count
+    nan_policy: Literal["safe", "reference"]
+    test_time_update: Literal["both", "with", "without"]
 
 
-@dataclass(frozen=True)
-class Analysis:
-    tsne_queries: int
-    tsne_perplexity: float
-    collapse_share: float
-    usage_test_windows: int
-    usage_train_windows: int
-    replacement_variants: tuple[str, ...]
-    replacement_windows: int
-    replacement_unchanged_psnr: float
-    replacement_examples: int
-    timeline_videos: int
-    bootstrap_samples: int
-    bootstrap_seed: int
-
-    def validate(self, key: str) -> None:
-        _check(self.tsne_queries >= 10, f"{key}.tsne_queries", f"must be at least 10, got {self.tsne_queries}")
-        _check(self.tsne_perplexity > 0, f"{key}.tsne_perplexity", "must be positive")
-        _check(0.0 < self.collapse_share <= 1.0, f"{key}.collapse_share", "must be a share in (0, 1]")
-        for name in ("usage_test_windows", "usage_train_windows", "replacement_windows"):
-            _check(getattr(self, name) >= 0, f"{key}.{name}", f"must be 0 (all windows) or more, got {getattr(self, name)}")
-        _check(self.replacement_examples >= 1 and self.timeline_videos >= 1, key,
-               "replacement_examples and timeline_videos must be at least 1")
-        _check(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples",
-               f"must be at least 100 for a 95% interval, got {self.bootstrap_samples}")
+class Analysis(Options):
+    tsne_queries: Annotated[StrictInt, at_least(10)]
+    tsne_perplexity: Positive
+    collapse_share: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 1.0, "must be a share in (0, 1]")]
+    usage_test_windows: CountOrAll
+    usage_train_windows: CountOrAll
+    replacement_variants: tuple[StrictStr, ...]
+    replacement_windows: CountOrAll
+    replacement_unchanged_psnr: StrictFloat
+    replacement_examples: Count
+    timeline_videos: Count
+    bootstrap_samples: Annotated[StrictInt, rule(lambda v: v >= 100,
+                                                 "must be at least 100 for a 95% interval, got {value}")]
+    bootstrap_seed: StrictInt
 
 
-@dataclass(frozen=True)
 class Params:
-    study: Study
-    profiles: Mapping[str, Profile]
-    datasets: Mapping[str, Dataset]
-    variants: Mapping[str, Variant]
-    evaluate: Evaluate
-    analysis: Analysis
-    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    """The whole of params.yaml, validated."""
+
+    def __init__(self, study: Study, datasets: Mapping[str, Dataset], variants: Mapping[str, Variant],
+                 evaluate: Evaluate, analysis: Analysis):
+        self.study, self.datasets, self.variants = study, dict(datasets), dict(variants)
+        self.evaluate, self.analysis = evaluate, analysis
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -273,7 +287,7 @@ class Params:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading and validation
+# Loading, and errors worded for the user
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -281,70 +295,96 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"params.yaml: {key}: {message}")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key)
+def _type_name(annotation: Any) -> str:
+    """int, float, bool, str, list, a mapping of options... as a user reads params.yaml."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"params.yaml: {key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"params.yaml: {key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"params.yaml: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"params.yaml: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"params.yaml: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"params.yaml: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not in params.yaml
+        return "list"
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return "mapping"
+    if origin is Literal:
+        return "one of " + str(list(typing.get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
 
 
-def _build(cls: type, data: Any, key: str, skip: tuple[str, ...] = (), extra: Mapping[str, Any] | None = None):
-    """Build dataclass `cls` from mapping `data`: every field required, no unknown keys."""
+def _annotation(model: type[BaseModel], loc: tuple) -> Any:
+    """The annotation at `loc` inside `model` (None where the path leaves the models)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (Union, types.UnionType):
+            return None
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        elif typing.get_origin(current) is tuple:
+            args = typing.get_args(current)
+            current = args[0] if len(args) == 2 and args[1] is Ellipsis else args[part] if isinstance(part, int) \
+                and part < len(args) else None
+        else:
+            return None
+    return current
+
+
+def _explain(error: ValidationError, model: type[BaseModel], key: str) -> ConfigError:
+    """The first of pydantic's errors, worded as the key path and what to fix."""
+    first = error.errors()[0]
+    loc, kind, value = tuple(first["loc"]), first["type"], first.get("input")
+    path = ".".join([key, *(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc)]).replace(".[", "[")
+    parent = ".".join([key, *(str(p) for p in loc[:-1])]) if loc else key
+    if kind == "missing" and loc and isinstance(loc[-1], int):   # a fixed-length list that is too short
+        expected = len(typing.get_args(_annotation(model, loc[:-1])) or ())
+        return ConfigError(f"params.yaml: {parent}: expected a list of {expected} values, got {value!r}")
+    if kind == "too_long":
+        return ConfigError(f"params.yaml: {path}: expected a list of {first['ctx'].get('max_length')} values, "
+                           f"got {value!r}")
+    if kind == "missing":
+        return ConfigError(f"params.yaml: {path}: missing (expected {_type_name(_annotation(model, loc))})")
+    if kind == "extra_forbidden":
+        owner = _annotation(model, loc[:-1]) if len(loc) > 1 else model
+        valid = list(owner.model_fields) if isinstance(owner, type) and issubclass(owner, BaseModel) else []
+        valid = [name for name in valid if name != "name"]
+        return ConfigError(f"params.yaml: {parent}: unknown option {loc[-1]!r}; valid options: {valid}")
+    if kind == "literal_error":
+        choices = list(typing.get_args(_annotation(model, loc)) or [])
+        if not choices:
+            choices = [c.strip(" '") for c in first["ctx"]["expected"].replace(" or ", ",").split(",")]
+        return ConfigError(f"params.yaml: {path}: unknown value {value!r}; valid: {choices}")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return ConfigError(f"params.yaml: {path}: expected a mapping of options, got {value!r}")
+    if kind in ("tuple_type", "list_type"):
+        return ConfigError(f"params.yaml: {path}: expected a list, got {value!r}")
+    if kind in ("int_type", "int_from_float"):
+        return ConfigError(f"params.yaml: {path}: expected an integer, got {value!r}")
+    if kind == "bool_type":
+        return ConfigError(f"params.yaml: {path}: expected true or false, got {value!r}")
+    if kind == "float_type":
+        return ConfigError(f"params.yaml: {path}: expected a number, got {value!r}")
+    if kind == "string_type":
+        return ConfigError(f"params.yaml: {path}: expected a string, got {value!r}")
+    if kind == "value_error":
+        message = str(first["ctx"]["error"])
+        if ": " in message and message.split(": ", 1)[0].isidentifier():   # "memory: ..." names its own option
+            option, message = message.split(": ", 1)
+            return ConfigError(f"params.yaml: {'.'.join([key, *map(str, loc), option])}: {message}")
+        return ConfigError(f"params.yaml: {path}: {message}")
+    return ConfigError(f"params.yaml: {path}: {first['msg']} (got {value!r})")
+
+
+def _validate(model: type[BaseModel], data: Any, key: str, **extra: Any) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"params.yaml: {key}: expected a mapping of options, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    fields = [f.name for f in dataclasses.fields(cls) if f.name not in skip and f.name != "raw"]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"params.yaml: {key}: unknown option {unknown[0]!r}; valid options: {fields}")
-    kwargs = dict(extra or {})
-    for name in fields:
-        if name in kwargs:
-            continue
-        if name not in data and name in defaults:
-            kwargs[name] = defaults[name]
-            continue
-        if name not in data:
-            raise ConfigError(f"params.yaml: {key}.{name}: missing (expected {_type_name(hints[name])})")
-        kwargs[name] = _coerce(data[name], hints[name], f"{key}.{name}")
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(key)
-    return obj
+    try:
+        return model.model_validate({**data, **extra})
+    except ValidationError as error:
+        raise _explain(error, model, key) from None
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Any:
@@ -353,93 +393,74 @@ def _section(raw: Mapping[str, Any], name: str) -> Any:
     return raw[name]
 
 
-def _build_dataset(name: str, data: Any, profiles: Mapping[str, Profile]) -> Dataset:
+def _dataset(name: str, data: Any) -> Dataset:
     key = f"datasets.{name}"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"params.yaml: {key}: expected a mapping of options, got {data!r}")
+    _check(isinstance(data, Mapping), key, f"expected a mapping of options, got {data!r}")
     valid_kinds = SYNTHETIC_KINDS + REAL_KINDS
     kind = data.get("kind")
     _check(kind in valid_kinds, f"{key}.kind", f"unknown kind {kind!r}; valid: {list(valid_kinds)}")
-    profile_name = data.get("profile")
-    _check(profile_name in profiles, f"{key}.profile",
-           f"unknown profile {profile_name!r}; valid: {sorted(profiles)} (profiles in params.yaml)")
-    allowed = {"kind", "profile", "seed"} | ({"generator"} if kind in SYNTHETIC_KINDS
-                                             else {"format", "sources", "extract_workers"})
-    unknown = sorted(set(data) - allowed)
-    _check(not unknown, key, f"unknown option {unknown[0] if unknown else ''!r}; valid options: {sorted(allowed)}")
-    seed = _coerce(data.get("seed", 0), int, f"{key}.seed")
-    if kind in SYNTHETIC_KINDS:
-        _check("generator" in data, f"{key}.generator", "missing (the moving-shapes generator options)")
-        generator = _build(SyntheticGenerator, data["generator"], f"{key}.generator")
-        return Dataset(name, kind, profile_name, profiles[profile_name], seed, generator=generator)
-    fmt = _coerce(data.get("format", "raw"), str, f"{key}.format")
-    sources_raw = data.get("sources")
-    _check(isinstance(sources_raw, Mapping) and bool(sources_raw), f"{key}.sources",
-           "missing: a mapping from format (raw, preextracted) to a list of archives")
-    _check(fmt in sources_raw, f"{key}.format", f"no sources listed for format {fmt!r}; listed: {sorted(sources_raw)}")
-    sources = {}
-    for src_format, archives in sources_raw.items():
-        _check(src_format in ("raw", "preextracted"), f"{key}.sources.{src_format}", "valid formats: raw, preextracted")
-        _check(isinstance(archives, list) and bool(archives), f"{key}.sources.{src_format}", "expected a list of archives")
-        sources[src_format] = tuple(_build(Archive, a, f"{key}.sources.{src_format}[{i}]")
-                                    for i, a in enumerate(archives))
-    workers = _coerce(data.get("extract_workers", 2), int, f"{key}.extract_workers")
-    return Dataset(name, kind, profile_name, profiles[profile_name], seed, format=fmt, sources=sources,
-                   extract_workers=workers)
+    unknown = sorted(set(data) - {"kind", "profile", "source"})
+    _check(not unknown, key, f"unknown option {unknown[0] if unknown else ''!r}; "
+                             f"valid options: ['kind', 'profile', 'source']")
+    for part in ("profile", "source"):
+        _check(part in data, f"{key}.{part}", "missing (a mapping of options)")
+    profile = _validate(Profile, data["profile"], f"{key}.profile")
+    source_model = SyntheticSource if kind in SYNTHETIC_KINDS else ArchiveSource
+    source = _validate(source_model, data["source"], f"{key}.source")
+    return Dataset(name=name, kind=kind, profile=profile, source=source)
+
+
+def _variants(defaults: Any, variants_raw: Any) -> dict[str, Variant]:
+    _check(isinstance(defaults, Mapping), "variant_defaults", "expected a mapping of options")
+    _check(isinstance(variants_raw, Mapping), "variants", "expected a mapping of variant name to options")
+    fields = [name for name in Variant.model_fields if name != "name"]
+    unknown = sorted(set(defaults) - set(fields))
+    _check(not unknown, "variant_defaults", f"unknown option {unknown[0] if unknown else ''!r}; valid: {fields}")
+    variants = {}
+    for name, overrides in variants_raw.items():
+        overrides = overrides or {}
+        _check(isinstance(overrides, Mapping), f"variants.{name}", "expected a mapping of options")
+        bad = sorted(set(overrides) - set(fields))
+        _check(not bad, f"variants.{name}", f"unknown option {bad[0] if bad else ''!r}; valid options: {fields}")
+        try:
+            variants[name] = Variant.model_validate({**defaults, **overrides, "name": name})
+        except ValidationError as error:
+            # A bad value is named where it is written: the variant's own line, or the default it inherits.
+            option = error.errors()[0]["loc"][:1]
+            where = f"variants.{name}" if not option or option[0] in overrides else "variant_defaults"
+            raise _explain(error, Variant, where) from None
+    return variants
 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     if not isinstance(raw, Mapping):
         raise ConfigError("params.yaml: expected a mapping of sections at the top level")
-    profiles_raw = _section(raw, "profiles")
-    _check(isinstance(profiles_raw, Mapping), "profiles", "expected a mapping of profile name to options")
-    profiles = {name: _build(Profile, p, f"profiles.{name}") for name, p in profiles_raw.items()}
-
     datasets_raw = _section(raw, "datasets")
     _check(isinstance(datasets_raw, Mapping), "datasets", "expected a mapping of dataset name to options")
-    datasets = {name: _build_dataset(name, d, profiles) for name, d in datasets_raw.items()}
+    datasets = {name: _dataset(name, data) for name, data in datasets_raw.items()}
+    variants = _variants(_section(raw, "variant_defaults"), _section(raw, "variants"))
 
-    defaults = _section(raw, "variant_defaults")
-    variants_raw = _section(raw, "variants")
-    _check(isinstance(defaults, Mapping), "variant_defaults", "expected a mapping of options")
-    _check(isinstance(variants_raw, Mapping), "variants", "expected a mapping of variant name to options")
-    variant_fields = [f.name for f in dataclasses.fields(Variant) if f.name != "name"]
-    unknown = sorted(set(defaults) - set(variant_fields))
-    _check(not unknown, "variant_defaults", f"unknown option {unknown[0] if unknown else ''!r}; valid: {variant_fields}")
-    variants = {}
-    for name, overrides in variants_raw.items():
-        overrides = overrides or {}
-        _check(isinstance(overrides, Mapping), f"variants.{name}", "expected a mapping of options")
-        bad = sorted(set(overrides) - set(variant_fields))
-        _check(not bad, f"variants.{name}", f"unknown option {bad[0] if bad else ''!r}; valid options: {variant_fields}")
-        variants[name] = _build(Variant, {**defaults, **overrides}, f"variants.{name}", skip=("name",),
-                                extra={"name": name})
-
-    study = _build(Study, _section(raw, "study"), "study")
-    for key in ("datasets", "collapse_datasets"):
+    study = _validate(Study, _section(raw, "study"), "study")
+    for key in ("datasets", "complex_datasets"):
         for d in getattr(study, key):
             _check(d in datasets, f"study.{key}", f"unknown dataset {d!r}; valid: {sorted(datasets)}")
-    both = sorted(set(study.datasets) & set(study.collapse_datasets))
-    _check(not both, "study.collapse_datasets",
+    both = sorted(set(study.datasets) & set(study.complex_datasets))
+    _check(not both, "study.complex_datasets",
            f"{both[0] if both else ''!r} is also in study.datasets; list each dataset in one of the two")
-    for key in ("variants", "collapse_variants"):
+    for key in ("variants", "complex_variants"):
         for v in getattr(study, key):
             _check(v in variants, f"study.{key}", f"unknown variant {v!r}; valid: {sorted(variants)}")
             _check(variants[v].trainable, f"study.{key}",
-                   f"{v!r} has nothing to train; it is evaluated by the evaluate_baseline stage for every dataset")
+                   f"{v!r} has nothing to train; it is evaluated by the baseline stage for every dataset")
     _check(len(study.seeds) >= 1, "study.seeds", "list at least one seed")
 
-    evaluate = _build(Evaluate, _section(raw, "evaluate"), "evaluate")
-    _check(evaluate.nan_policy in ("safe", "reference"), "evaluate.nan_policy",
-           f"unknown value {evaluate.nan_policy!r}; valid: ['safe', 'reference']")
-    _check(evaluate.test_time_update in ("both", "with", "without"), "evaluate.test_time_update",
-           f"unknown value {evaluate.test_time_update!r}; valid: ['both', 'with', 'without']")
-    analysis = _build(Analysis, _section(raw, "analysis"), "analysis")
+    evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
+    analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")
     for v in analysis.replacement_variants:
         _check(v in variants and variants[v].family == "mnad", "analysis.replacement_variants",
                f"{v!r} is not an MNAD-family variant (the study replaces MNAD's decoder input); valid: "
                f"{sorted(n for n, x in variants.items() if x.family == 'mnad')}")
-    return Params(study, profiles, datasets, variants, evaluate, analysis, raw=raw)
+    return Params(study, datasets, variants, evaluate, analysis)
 
 
 def load_params(path: str | Path | None = None) -> Params:
@@ -456,14 +477,6 @@ def load_params(path: str | Path | None = None) -> Params:
     return parse_params(raw)
 
 
-def resolved_options(obj: Any) -> dict[str, Any]:
-    """Flat dict of a config dataclass, for MLflow params and checkpoint metadata."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = resolved_options(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
+def resolved_options(options: BaseModel) -> dict[str, Any]:
+    """The options as plain JSON types (lists, not tuples), for MLflow params and checkpoint metadata."""
+    return options.model_dump(mode="json")

@@ -47,11 +47,11 @@ class _DownloadFailed(Exception):
 def fetch(archive: Archive, raw_dir: Path, *, params_key: str | None = None) -> Path:
     """Return raw_dir/<archive.name>, downloaded (or adopted from local_path) and verified against archive.sha256.
 
-    `params_key` is where the archive sits in params.yaml (e.g. "datasets.ped2.sources.raw[0]"), used in messages;
+    `params_key` is where the archive sits in params.yaml (e.g. "datasets.ped2.source.archives.raw[0]"), used in messages;
     by default it is derived from raw_dir's name, which is the dataset's name (data/raw/<dataset>/).
     """
     raw_dir = Path(raw_dir)
-    params_key = params_key or f"datasets.{raw_dir.name}.sources.<format>[<i>]"
+    params_key = params_key or f"datasets.{raw_dir.name}.source.archives.<format>[<i>]"
     _check_archive_entry(archive, params_key)
     raw_dir.mkdir(parents=True, exist_ok=True)
     final = raw_dir / archive.name

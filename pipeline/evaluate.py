@@ -1,46 +1,25 @@
-"""Evaluate one (dataset, variant, seed): `python -m pipeline.evaluate --dataset D --variant V --seed S`.
+"""Evaluation of one (dataset, variant, seed)'s trained model under the papers' protocol.
 
 Per test frame: PSNR, feature distance (memory variants), MemAE's clip error, and the normality score, both without
-and with test-time memory update for MNAD-memory variants. Writes runs/<dataset>/<variant>/seed<S>/{scores.csv,
-metrics.json, roc.csv} and logs metrics, the ROC figure and the scores into the run's MLflow run (the same run as
-training). `copy-last` needs no checkpoint: it is evaluated directly.
+and with test-time memory update for MNAD-memory variants. `evaluate` writes runs/<dataset>/<variant>/seed<S>/
+{scores.csv, roc.csv, metrics.json} and returns the metrics; the run stage (pipeline.run) logs them to MLflow.
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # first: run in the preloaded interpreter, or start MLflow's worker (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude(mlflow_worker=True)
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sklearn.metrics  # noqa: F401 - the AUCs need it; imported now, while the MLflow worker imports on the other core
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from models.build import build_model, split_clip
-from pipeline import checkpoint as ckpt
-from pipeline.cli import run_arguments
-from pipeline.config import Variant, load_params
+from models.clips import split_clip
+from pipeline.config import Evaluate, Variant
 from pipeline.data import ClipDataset, clip_dataset
-from pipeline.errors import exit_cleanly, exit_now
 from pipeline.io import write_csv, write_json
-from pipeline.metrics import normality_score, psnr_from_mse, regularity_score, roc_points, summarise
-from pipeline.paths import frames_dir, run_dir
-from pipeline.tracking import environment_tags, flatten, open_run
-
-
-def frame_errors(output: torch.Tensor, target: torch.Tensor, family: str) -> dict[str, np.ndarray]:
-    """Per-sample error series from outputs in [-1, 1]: PSNR on [0, 1] images, and MemAE's clip error."""
-    dims = tuple(range(1, output.dim()))
-    mse01 = (((output + 1) / 2 - (target + 1) / 2) ** 2).mean(dim=dims)
-    series = {"psnr": psnr_from_mse(mse01.double().cpu().numpy())}
-    if family == "memae":  # mean over (t, h, w) of the per-position L2 error over channels (Gong et al.)
-        series["error"] = ((output - target) ** 2).sum(dim=1).sqrt().mean(dim=(1, 2, 3)).double().cpu().numpy()
-    return series
+from pipeline.metrics import headline_scoring, normality_score, regularity_score, roc_points, summarise
+from pipeline.scoring import frame_errors
 
 
 @torch.no_grad()
@@ -123,20 +102,12 @@ def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Vari
     return degenerate
 
 
-def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
-             data_root: Path | None = None, runs_root: Path | None = None) -> dict:
-    params = load_params(params_path)
-    dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
-    options = params.evaluate
-    out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
-    device = ckpt.pick_device()
+def evaluate(model, variant: Variant, seed: int, frames: Path, out_dir: Path, options: Evaluate,
+             device: torch.device) -> dict:
+    """Score every test frame with `model` (in eval mode on `device`); write scores.csv, roc.csv and
+    metrics.json into out_dir and return the metrics."""
     torch.manual_seed(seed)
-
-    if variant.trainable:
-        model, _, _ = ckpt.load_model(out_dir / "checkpoint.pt", device)
-    else:
-        model = build_model(variant, dataset.profile).to(device).eval()
-    test_set = clip_dataset(frames_dir(dataset_name, data_root), "test", variant)
+    test_set = clip_dataset(frames, "test", variant)
     scores = test_set.windows[["video", "frame", "label", "anomaly_type"]].copy()
 
     metrics: dict = {"frames": len(scores), "videos": int(scores["video"].nunique())}
@@ -145,8 +116,8 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
     if with_update:
         trained_memory = {key: value.clone() for key, value in model.memory.state_dict().items()}
         updated = score_with_update(model, test_set, variant, device, options.batch_size)
+        model.memory.load_state_dict(trained_memory)   # the caller's model keeps the memory it was trained with
         if without_update:
-            model.memory.load_state_dict(trained_memory)
             frozen = score_frozen_after(model, test_set, variant, options.batch_size, device, updated)
     elif without_update:
         frozen = score_batched(model, test_set, variant, options.batch_size, device)
@@ -161,51 +132,10 @@ def evaluate(dataset_name: str, variant_name: str, seed: int, params_path: Path 
         # How many frames were under the threshold and wrote into the memory: 0 means "with" equals "without".
         metrics["with_update"]["updated_frames"] = int(updated["memory_updated"].sum())
 
-    headline = "with_update" if "with_update" in metrics else "without_update"
-    score_column = "score_update" if headline == "with_update" else "score"
+    metrics["headline"] = headline_scoring(metrics)
+    score_column = "score_update" if metrics["headline"] == "with_update" else "score"
     roc = roc_points(scores["label"].to_numpy(), scores[score_column].to_numpy())
     write_csv(out_dir / "scores.csv", scores)
     write_csv(out_dir / "roc.csv", roc)
     write_json(out_dir / "metrics.json", metrics)
-
-    with open_run(dataset_name, variant_name, seed) as run:
-        run.set_tags({**environment_tags(device.type), "eval_stage": f"evaluate@{dataset_name}-{variant_name}-{seed}",
-                      "eval.nan_policy": options.nan_policy, "eval.test_time_update": options.test_time_update})
-        if not variant.trainable:
-            run.log_params(flatten(ckpt.run_config(dataset, variant, seed)))
-        run.log_metrics(flatten(metrics, "eval."))
-        run.log_artifact(out_dir / "scores.csv")
-        run.log_artifact(out_dir / "metrics.json")
-        run.log_artifact(roc_figure(roc, f"{dataset_name} {variant_name} seed {seed}", out_dir / "roc.png"))
-        run.finish()
     return metrics
-
-
-def roc_figure(roc: pd.DataFrame, title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(roc["fpr"], roc["tpr"])
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-@exit_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = run_arguments(__doc__.splitlines()[0], argv)
-    metrics = evaluate(args.dataset, args.variant, args.seed, args.params)
-    print({k: v for k, v in flatten(metrics).items() if "auc_micro" in k})
-    return 0
-
-
-if __name__ == "__main__":
-    exit_now(main())

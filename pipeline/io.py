@@ -1,9 +1,10 @@
-"""Atomic output helpers: a killed stage never leaves a half-written file under its final name."""
+"""Atomic output helpers: a killed stage never leaves a half-written file or folder under its final name."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,3 +42,28 @@ def write_csv(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame atomically (no index column)."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; if the block succeeds it replaces `path` (a previous folder is
+    moved aside and deleted), else it is removed. Leftovers of a killed run are removed first (DVC never runs one
+    stage twice at once)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.staging-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        yield staging
+        if path.exists() or path.is_symlink():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, trash / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

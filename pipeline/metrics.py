@@ -101,6 +101,12 @@ def roc_points(labels: np.ndarray, score: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"fpr": fpr, "tpr": tpr})
 
 
+def headline_scoring(metrics: dict) -> str:
+    """The scoring a variant is judged by: with test-time update where the variant has it (as MNAD evaluates),
+    else without."""
+    return "with_update" if "with_update" in metrics else "without_update"
+
+
 def summarise(frame: pd.DataFrame, score_column: str, degenerate: int) -> dict[str, float]:
     """The metrics block of one scoring (with or without test-time update)."""
     labels = frame["label"].to_numpy()

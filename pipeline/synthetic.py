@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from pipeline.config import ANOMALY_TYPES, ConfigError, Dataset, SyntheticGenerator
+from pipeline.config import ANOMALY_TYPES, ConfigError, Dataset, SyntheticSource
 
 # The first frames of a video are never scored (prediction needs 4 input frames), so an event never starts there.
 MIN_LEAD_IN_FRAMES = 4
@@ -69,25 +66,25 @@ def _draw_int(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
     return int(rng.integers(bounds[0], bounds[1] + 1))
 
 
-def _half_extent(gen: SyntheticGenerator) -> float:
+def _half_extent(gen: SyntheticSource) -> float:
     """Wall margin for every object: the larger half-size of circle and square, so a shape change never leaves the
     frame and a transformed object keeps the trajectory it would have had."""
     return max(gen.circle_radius, gen.square_size / 2)
 
 
-def _random_object(rng: np.random.Generator, gen: SyntheticGenerator, shape: str, speed: float) -> MovingObject:
+def _random_object(rng: np.random.Generator, gen: SyntheticSource, shape: str, speed: float) -> MovingObject:
     low, high = _half_extent(gen), gen.render_size - _half_extent(gen)
     angle = rng.uniform(0.0, 2 * math.pi)
     return MovingObject(rng.uniform(low, high), rng.uniform(low, high), math.cos(angle), math.sin(angle), speed, shape)
 
 
-def _anomalous_look(gen: SyntheticGenerator, kind: str) -> tuple[str, float]:
+def _anomalous_look(gen: SyntheticSource, kind: str) -> tuple[str, float]:
     shape = "square" if kind in SQUARE_TYPES else "circle"
     speed = gen.anomaly_speed if kind in FAST_TYPES else gen.normal_speed
     return shape, speed
 
 
-def schedule_events(gen: SyntheticGenerator, rng: np.random.Generator) -> tuple[list[Event], list[str]]:
+def schedule_events(gen: SyntheticSource, rng: np.random.Generator) -> tuple[list[Event], list[str]]:
     """One event of each anomaly type in a shuffled order, after a normal lead-in and separated by normal gaps.
 
     Returns the events that fit in the video and the types that did not.
@@ -105,7 +102,7 @@ def schedule_events(gen: SyntheticGenerator, rng: np.random.Generator) -> tuple[
     return events, not_fitted
 
 
-def simulate_video(gen: SyntheticGenerator, rng: np.random.Generator,
+def simulate_video(gen: SyntheticSource, rng: np.random.Generator,
                    events: list[Event]) -> tuple[list[list[tuple[str, float, float]]], list[str]]:
     """Shapes (shape, x, y) visible in every frame, and every frame's anomaly type ('' when normal).
 
@@ -143,7 +140,7 @@ def simulate_video(gen: SyntheticGenerator, rng: np.random.Generator,
     return frames, labels
 
 
-def render_coverage(shapes: list[tuple[str, float, float]], gen: SyntheticGenerator) -> np.ndarray:
+def render_coverage(shapes: list[tuple[str, float, float]], gen: SyntheticSource) -> np.ndarray:
     """Fraction of each pixel covered by the union of the shapes (float32, 0..1), at render size."""
     size = gen.render_size
     pixel_centres = np.arange(size, dtype=np.float64) + 0.5
@@ -180,8 +177,8 @@ def _to_output(grey: np.ndarray, dataset: Dataset, rng: np.random.Generator) -> 
     size = dataset.profile.frame_size
     if grey.shape[0] != size:
         grey = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)
-    if dataset.generator.noise_std > 0:
-        grey = grey + rng.normal(0.0, dataset.generator.noise_std, grey.shape).astype(np.float32)
+    if dataset.source.noise_std > 0:
+        grey = grey + rng.normal(0.0, dataset.source.noise_std, grey.shape).astype(np.float32)
     image = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
     return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if dataset.profile.channels == 3 else image
 
@@ -192,16 +189,22 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def _check_fits(dataset: Dataset) -> None:
-    gen = dataset.generator
+    gen = dataset.source
     if gen.render_size <= 2 * _half_extent(gen):
         raise ConfigError(
-            f"params.yaml: datasets.{dataset.name}.generator: shapes {2 * _half_extent(gen):.1f} px wide do not fit "
+            f"params.yaml: datasets.{dataset.name}.source: shapes {2 * _half_extent(gen):.1f} px wide do not fit "
             f"in render_size {gen.render_size}; lower circle_radius/square_side or raise render_size")
 
 
-def _render_into(dataset: Dataset, root: Path) -> dict:
-    gen = dataset.generator
-    scene_seeds, train_seeds, test_seeds = np.random.SeedSequence(dataset.seed).spawn(3)
+def render_dataset(dataset: Dataset, root: Path) -> dict:
+    """Render `dataset` (a synthetic one) into the empty folder `root`; return counts of videos, frames and
+    anomalies. Deterministic per source.seed: the same seed gives byte-identical PNGs and labels. The summary's
+    `events_not_fitted` counts, per type, the events that did not fit in frames_per_video."""
+    if not isinstance(dataset.source, SyntheticSource):
+        raise ValueError(f"dataset {dataset.name!r} is not synthetic: it has no generator to render")
+    _check_fits(dataset)
+    gen = dataset.source
+    scene_seeds, train_seeds, test_seeds = np.random.SeedSequence(gen.seed).spawn(3)
     if gen.scenes > 1:
         backgrounds = [draw_scene(np.random.default_rng(s), gen.render_size) for s in scene_seeds.spawn(gen.scenes)]
     else:
@@ -244,37 +247,4 @@ def _render_into(dataset: Dataset, root: Path) -> dict:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(("split", "video", "frame", "label", "anomaly_type"))
         writer.writerows(rows)
-    return summary
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging folder onto out_dir, moving any previous dataset aside first and deleting it."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, trash / out_dir.name)
-    os.rename(staging, out_dir)
-    shutil.rmtree(trash)
-
-
-def write_dataset(dataset: Dataset, out_dir: Path) -> dict:
-    """Render `dataset` (a synthetic one) into out_dir atomically; return counts of videos, frames and anomalies.
-
-    Deterministic per dataset.seed: the same seed gives byte-identical PNGs and labels. The summary's
-    `events_not_fitted` counts, per type, the events that did not fit in frames_per_video.
-    """
-    if dataset.generator is None:
-        raise ValueError(f"dataset {dataset.name!r} is not synthetic: it has no generator to render")
-    _check_fits(dataset)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
-        summary = _render_into(dataset, staging)
-        _swap_in(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return summary

@@ -1,29 +1,27 @@
-"""MLflow conventions (DESIGN.md): one experiment per dataset, one run per (variant, seed) named `<variant>/seed<S>`.
+"""MLflow conventions (DESIGN.md), logged in-process by the stage that does the work.
 
-Training and evaluation of the same (dataset, variant, seed) write into the same run, found by its tags, so a
-re-run updates the run instead of adding a duplicate. DVC outputs never depend on anything read back from here.
+- One experiment per dataset, tagged as model development so that the UI opens it on its runs table.
+- In each experiment, a parent run named `study` holds REPORT.md and the analysis figures; every run is nested
+  under it.
+- One run per (dataset, variant, seed), named `<variant>/seed<S>`. Each execution of its `run@` stage starts the
+  run afresh (the earlier one is deleted), so the run's duration is that stage's own work and its curves describe
+  the checkpoint that exists. Epochs trained by an earlier execution (a resume, or a finished checkpoint that made
+  training a no-op) are logged again from the checkpoint's log.
+- Headline metrics (`auc_micro`, `auc_macro`, `mean_psnr`) are logged under one name for every variant, so the runs
+  table sorts by them; the scorings with and without test-time update are under `eval.<scoring>.*`.
 
-Importing MLflow and opening its store costs about 4 s of CPU in every stage process (78 of them in the default
-study). A stage run from the command line therefore calls `start_worker()` before its own heavy imports: a worker
-process imports MLflow on the second core while the stage imports torch on the first, and then makes the stage's
-MLflow calls, in order, from JSON lines on its stdin (`BackgroundRun`). A stage run in pipeline.launch's preloaded
-interpreter finds MLflow already imported and needs no worker; it, and library calls (tests, notebooks), get a
-plain in-process `Run` from `open_run`. This module itself imports nothing heavy.
+DVC outputs never depend on anything read back from here.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import platform
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from pipeline.config import REPO_ROOT
 
@@ -33,30 +31,42 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
+# MLflow reads the settings above when it is imported.
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+STUDY_RUN = "study"
+ROLE_TAG = "memvad.role"           # "study" on the parent runs, "run" on the (variant, seed) runs
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model development.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_TAG = "mlflow.parentRunId"
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the sqlite store at the repository root (absolute, so any cwd works)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(REPO_ROOT / 'mlflow.db').as_posix()}"
 
 
-def _client():
-    from mlflow.tracking import MlflowClient
-
+def client():
     # alembic prints every schema migration at INFO when a new store is created; that is noise in a stage log
     logging.getLogger("alembic").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def _experiment_id(client, dataset: str) -> str:
-    experiment = client.get_experiment_by_name(dataset)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    artifacts = None
-    if tracking_uri().startswith("sqlite:///"):
-        artifacts = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts" / dataset).as_uri()
-    return client.create_experiment(dataset, artifact_location=artifacts)
+def experiment_id(mlflow_client, dataset: str) -> str:
+    """The dataset's experiment (created, or restored if deleted), tagged so the UI opens on its runs."""
+    experiment = mlflow_client.get_experiment_by_name(dataset)
+    if experiment is None:
+        artifacts = None
+        if tracking_uri().startswith("sqlite:///"):
+            artifacts = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts" / dataset).as_uri()
+        return mlflow_client.create_experiment(dataset, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    if experiment.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def git_commit() -> str:
@@ -76,173 +86,6 @@ def environment_tags(device: str) -> dict[str, str]:
             "numpy_version": numpy.__version__, "python_version": platform.python_version(), "device": device}
 
 
-class Run:
-    """The MLflow run of one (dataset, variant, seed). Thin wrapper over MlflowClient calls."""
-
-    def __init__(self, dataset: str, variant: str, seed: int, fresh: bool = False, client=None):
-        self.client = client or _client()
-        experiment = _experiment_id(self.client, dataset)
-        existing = self.client.search_runs(
-            [experiment], filter_string=f"tags.variant = '{variant}' and tags.seed = '{seed}'",
-            order_by=["attributes.start_time DESC"])
-        if fresh:  # training from scratch: the old run's curves describe weights that no longer exist
-            for run in existing:
-                self.client.delete_run(run.info.run_id)
-            existing = []
-        if existing:
-            self.run_id = existing[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(experiment, run_name=f"{variant}/seed{seed}",
-                                         tags={"dataset": dataset, "variant": variant, "seed": str(seed)})
-            self.run_id = run.info.run_id
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Params are immutable in MLflow; a resumed or re-evaluated run only adds keys it has not logged yet."""
-        from mlflow.entities import Param
-
-        logged = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and not (isinstance(v, float) and math.isnan(v))]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
-
-    def __enter__(self) -> "Run":
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:  # the stage failed: say so on its run, and let the stage's own error through
-            self.finish("FAILED")
-
-
-_worker: tuple[subprocess.Popen, IO[bytes]] | None = None
-
-
-def start_worker() -> None:
-    """Start the MLflow worker process of this stage process (see the module docstring). Call it first thing."""
-    global _worker
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    output = tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.tracking"], stdin=subprocess.PIPE, stdout=output,
-                               stderr=subprocess.STDOUT, env=environment)
-    _worker = (process, output)
-
-
-def open_run(dataset: str, variant: str, seed: int, fresh: bool = False) -> "Run | BackgroundRun":
-    """The MLflow run of (dataset, variant, seed): through the started worker if there is one, else in-process."""
-    global _worker
-    if _worker is None:
-        return Run(dataset, variant, seed, fresh)
-    (process, output), _worker = _worker, None
-    return BackgroundRun(process, output, dataset, variant, seed, fresh)
-
-
-class BackgroundRun:
-    """The calls of `Run`, sent as JSON lines to a worker process (`start_worker`) that makes them in order. Each
-    call returns at once; `finish` closes the stream, waits for the worker and raises with the worker's error if a
-    call failed. As a context manager, a stage that raises marks its run FAILED; a stage killed outright closes the
-    stream without a status, and the worker marks the run KILLED."""
-
-    def __init__(self, process: subprocess.Popen, output: IO[bytes], dataset: str, variant: str, seed: int,
-                 fresh: bool = False):
-        self._process, self._output = process, output
-        self._open = True
-        self._send("open", dataset, variant, seed, fresh)
-
-    def _send(self, call: str, *args: Any) -> None:
-        if not self._open:
-            raise RuntimeError(f"the MLflow run is already finished; cannot {call}")
-        try:
-            self._process.stdin.write((json.dumps([call, *args]) + "\n").encode())
-            self._process.stdin.flush()
-        except BrokenPipeError:  # the worker died: its own message says why
-            self._open = False
-            self._fail()
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._send("set_tags", {k: str(v) for k, v in tags.items()})
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self._send("log_params", {k: str(v) for k, v in params.items()})
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        self._send("log_metrics", {k: float(v) for k, v in metrics.items() if v is not None}, step)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._send("log_artifact", str(Path(path).resolve()), artifact_path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self._send("finish", status)
-        self._open = False
-        self._process.stdin.close()
-        if self._process.wait() != 0:
-            self._fail()
-        printed = self._printed()
-        if printed:  # MLflow's warnings belong in the stage's log
-            print(printed, file=sys.stderr)
-
-    def _printed(self) -> str:
-        self._output.seek(0)
-        return self._output.read().decode(errors="replace").strip()
-
-    def _fail(self) -> None:
-        self._process.wait()
-        lines = self._printed().splitlines()
-        raise RuntimeError(f"MLflow logging failed (tracking URI {tracking_uri()}): "
-                           f"{lines[-1] if lines else f'worker exit {self._process.returncode}'}")
-
-    def __enter__(self) -> "BackgroundRun":
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None and self._open:
-            try:  # the stage failed: say so on its run, and let the stage's own error through
-                self.finish("FAILED")
-            except RuntimeError:
-                pass
-
-
-def serve(stream: IO[str]) -> None:
-    """The worker: open MLflow's store at once (that is the slow part, done while the stage imports torch), then
-    apply each JSON line of `stream` to one Run, in order."""
-    client = _client()
-    run, status = None, None
-    try:
-        for line in stream:
-            call, *args = json.loads(line)
-            if call == "open":
-                run = Run(*args, client=client)
-            elif call == "finish":
-                status = args[0]
-            else:
-                getattr(run, call)(*args)
-    except Exception:
-        if run is not None:
-            run.finish("FAILED")
-        raise
-    if run is not None:
-        run.finish(status or "KILLED")  # no status: the stage process died before it finished
-
-
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """{"with_update": {"auc_micro": .9}} -> {"with_update.auc_micro": .9} (numbers only)."""
     out = {}
@@ -255,15 +98,92 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-if __name__ == "__main__":
-    # Ctrl-C reaches the whole process group; the stage handles it and sends FAILED, which this worker must live
-    # to record. Its own end comes with the end of its input, whichever way the stage ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        serve(sys.stdin)
-    except Exception as error:  # noqa: BLE001 - one line that BackgroundRun quotes in its error
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
-        raise SystemExit(1)
-    from pipeline.errors import exit_now
+def flatten_params(options: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"variant": {"task": "predict"}} -> {"variant.task": "predict"}: every option as an MLflow param."""
+    out = {}
+    for key, value in options.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
 
-    exit_now(0)  # the stage waits for this process to end: skip MLflow's 0.6 s of teardown
+
+class Logged:
+    """Logging calls on one MLflow run (thin wrappers over MlflowClient)."""
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client, self.run_id = mlflow_client, run_id
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._log_batch(100, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._log_batch(100, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        self.log_history([(step, metrics)])
+
+    def log_history(self, rows: Iterable[tuple[int, Mapping[str, float | None]]]) -> None:
+        """Many steps of metrics at once: [(step, {name: value}), ...]; None and NaN values are left out."""
+        now = int(time.time() * 1000)
+        self._log_batch(1000, metrics=[Metric(k, float(v), now, step) for step, metrics in rows
+                                       for k, v in metrics.items()
+                                       if v is not None and not (isinstance(v, float) and math.isnan(v))])
+
+    def _log_batch(self, size: int, **entities: list) -> None:
+        """One kind of entity in calls of at most `size` (MLflow takes 100 params or tags, 1000 metrics a call)."""
+        [(kind, items)] = entities.items()
+        for start in range(0, len(items), size):
+            self.client.log_batch(self.run_id, **{kind: items[start:start + size]})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def study_run(dataset: str, mlflow_client=None) -> Logged:
+    """The parent run of a dataset's experiment (created on first use); it stays RUNNING until the report is
+    written into it."""
+    mlflow_client = mlflow_client or client()
+    experiment = experiment_id(mlflow_client, dataset)
+    found = mlflow_client.search_runs([experiment], filter_string=f"tags.`{ROLE_TAG}` = '{STUDY_RUN}'",
+                                      order_by=["attributes.start_time ASC"])
+    if found:
+        return Logged(mlflow_client, found[0].info.run_id)
+    created = mlflow_client.create_run(experiment, run_name=STUDY_RUN, tags={ROLE_TAG: STUDY_RUN, "dataset": dataset})
+    return Logged(mlflow_client, created.info.run_id)
+
+
+class Run(Logged):
+    """The MLflow run of one (dataset, variant, seed), started afresh and nested under the dataset's study run.
+    As a context manager, a stage that raises marks its run FAILED (KILLED for Ctrl-C)."""
+
+    def __init__(self, dataset: str, variant: str, seed: int, mlflow_client=None):
+        mlflow_client = mlflow_client or client()
+        parent = study_run(dataset, mlflow_client)
+        if mlflow_client.get_run(parent.run_id).info.status != "RUNNING":
+            mlflow_client.update_run(parent.run_id, status="RUNNING")   # a new execution of the study
+        experiment = experiment_id(mlflow_client, dataset)
+        identity = {"dataset": dataset, "variant": variant, "seed": str(seed)}
+        earlier = mlflow_client.search_runs(
+            [experiment], filter_string=f"tags.variant = '{variant}' and tags.seed = '{seed}' and "
+                                        f"tags.`{ROLE_TAG}` = 'run'")
+        for run in earlier:   # its curves and scores describe an execution that this one replaces
+            mlflow_client.delete_run(run.info.run_id)
+        created = mlflow_client.create_run(experiment, run_name=f"{variant}/seed{seed}",
+                                           tags={**identity, ROLE_TAG: "run", PARENT_TAG: parent.run_id})
+        super().__init__(mlflow_client, created.info.run_id)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:  # say so on the run, and let the stage's own error through
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")

@@ -1,20 +1,17 @@
-"""Train one (dataset, variant, seed): `python -m pipeline.train --dataset D --variant V --seed S`.
+"""Training of one (dataset, variant, seed): the loop, resumable from its checkpoint.
 
-Writes runs/<dataset>/<variant>/seed<S>/{checkpoint.pt, train_log.csv}; the checkpoint is rewritten atomically after
-every epoch, and a re-run after an interruption resumes from it (when its config fingerprint still matches), ending
-with the same weights as an uninterrupted run. Every epoch's losses, learning rate and memory statistics go to the
-run's MLflow run.
+`train` writes runs/<dataset>/<variant>/seed<S>/{checkpoint.pt, train_log.csv}. The checkpoint is rewritten
+atomically after every epoch; a later call with the same training fingerprint resumes from it and ends with the
+same weights as an uninterrupted run, and a finished one makes the call a no-op. train_log.csv holds the same
+per-epoch losses plus the seconds each epoch took (timings stay out of the checkpoint, so its bytes repeat).
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # first: run in the preloaded interpreter, or start MLflow's worker (pipeline.launch)
-    from pipeline import launch
-
-    launch.prelude(mlflow_worker=True)
-
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,27 +19,36 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.build import build_model, compute_loss, split_clip
+from models.build import build_model
+from models.clips import split_clip
+from models.losses import compute_loss
 from models.noise import salt_and_pepper
 from pipeline import checkpoint as ckpt
-from pipeline.cli import run_arguments
-from pipeline.config import load_params
+from pipeline.config import Dataset, Variant
 from pipeline.data import clip_dataset
-from pipeline.errors import UserError, exit_cleanly, exit_now
+from pipeline.errors import UserError
 from pipeline.io import write_csv
 from pipeline.metrics import usage_stats
-from pipeline.paths import frames_dir, run_dir
-from pipeline.tracking import environment_tags, flatten, open_run
+
+
+@dataclass(frozen=True)
+class Training:
+    """What `train` did: the checkpoint, every epoch's row (losses, lr, memory statistics, seconds where known),
+    how many epochs this call trained (0: the checkpoint was already finished) and the config behind it."""
+
+    checkpoint: Path
+    log: list[dict]
+    trained_epochs: int
+    config: dict
+    fingerprint: str
+    train_clips: int
+    parameters: int
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # CPU kernels used here are deterministic; on CUDA, pin cuDNN to deterministic algorithms. (Not
-    # torch.use_deterministic_algorithms: it costs 2.4 s of imports per stage and adds nothing on the CPU.)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -55,24 +61,19 @@ def epoch_order(num_clips: int, max_clips: int, seed: int, epoch: int) -> list[i
     return order[:max_clips].tolist() if max_clips else order.tolist()
 
 
-def train(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
-          data_root: Path | None = None, runs_root: Path | None = None, stop_after_epoch: int | None = None) -> Path:
-    """Train and return the checkpoint path. `stop_after_epoch` simulates an interruption (tests)."""
-    params = load_params(params_path)
-    dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
+def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: Path, device: torch.device,
+          on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> Training:
+    """Train (or resume, or find finished) the run's model. `on_epoch` receives every epoch's row in order,
+    the ones an earlier call trained first; `stop_after_epoch` simulates an interruption (tests)."""
     profile = dataset.profile
-    out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     checkpoint_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
-    frames = frames_dir(dataset_name, data_root)
-    device = ckpt.pick_device()
-
-    config = ckpt.run_config(dataset, variant, seed)
-    fingerprint = ckpt.fingerprint(config, frames / "labels.csv")
+    config = ckpt.training_config(dataset, variant, seed, frames)
+    fingerprint = ckpt.fingerprint(config)
     seed_everything(seed)
     train_set = clip_dataset(frames, "train", variant)
     per_epoch = min(len(train_set), profile.max_train_clips or len(train_set))
     if per_epoch < profile.batch_size:  # drop_last would leave an epoch without a single step
-        key = f"profiles.{dataset.profile_name}"
+        key = f"datasets.{dataset.name}.profile"
         raise UserError(f"{frames}: {per_epoch} training clips per epoch ({len(train_set)} in the set, "
                         f"{key}.max_train_clips {profile.max_train_clips}), fewer than one batch of "
                         f"{profile.batch_size}; lower {key}.batch_size")
@@ -81,41 +82,53 @@ def train(dataset_name: str, variant_name: str, seed: int, params_path: Path | N
     optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr or profile.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=profile.epochs)
 
-    # Resume when a checkpoint of this exact config exists; otherwise start over (and drop the stale MLflow run).
-    start_epoch, log_rows = 0, []
+    start_epoch, log = 0, []
     if checkpoint_path.exists():
-        state = ckpt.load_checkpoint(checkpoint_path, device)
+        state = ckpt.load_checkpoint(checkpoint_path)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            start_epoch, log_rows = state["epoch"], state["log"]
-    with open_run(dataset_name, variant_name, seed, fresh=start_epoch == 0) as run:
-        run.set_tags({**environment_tags(device.type), "dvc_stage": f"train@{dataset_name}-{variant_name}-{seed}",
-                      "fingerprint": fingerprint})
-        run.log_params(flatten(config))
-        run.log_params({"train_clips": len(train_set), "parameters": sum(p.numel() for p in model.parameters())})
+            start_epoch, log = state["epoch"], [dict(row) for row in state["log"]]
+            if start_epoch < profile.epochs and state.get("device") != device.type:
+                print(f"note: resuming on {device.type} a training started on {state.get('device')}: "
+                      f"its numbers will differ from an uninterrupted run on either")
+    seconds = _earlier_seconds(log_path, start_epoch)
+    rows = [{**row, "seconds": seconds.get(row["epoch"])} for row in log]
+    for row in rows:
+        if on_epoch:
+            on_epoch(row)
 
-        for epoch in range(start_epoch, profile.epochs):
-            started = time.perf_counter()
-            row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                   **train_epoch(model, optimizer, train_set, variant, profile, seed, epoch, device,
-                                 f"{dataset_name} {variant_name} s{seed} epoch {epoch + 1}/{profile.epochs}")}
-            row["seconds"] = time.perf_counter() - started
-            scheduler.step()
-            log_rows.append(row)
-            ckpt.save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1, "config": config, "fingerprint": fingerprint, "log": log_rows})
-            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < profile.epochs:
-                run.finish("KILLED")
-                return checkpoint_path
+    for epoch in range(start_epoch, profile.epochs):
+        started = time.perf_counter()
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+               **train_epoch(model, optimizer, train_set, variant, profile, seed, epoch, device,
+                             f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")}
+        scheduler.step()
+        log.append(row)
+        ckpt.save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1, "config": config, "fingerprint": fingerprint, "log": log, "device": device.type})
+        rows.append({**row, "seconds": time.perf_counter() - started})
+        write_csv(log_path, pd.DataFrame(rows))
+        if on_epoch:
+            on_epoch(rows[-1])
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < profile.epochs:
+            break
+    if not log_path.exists():   # a finished checkpoint from a run whose log went missing: rebuild it
+        write_csv(log_path, pd.DataFrame(rows))
+    return Training(checkpoint_path, rows, len(log) - start_epoch, config, fingerprint, len(train_set),
+                    sum(p.numel() for p in model.parameters()))
 
-        write_csv(log_path, pd.DataFrame(log_rows))
-        run.log_artifact(log_path)
-        run.finish()
-    return checkpoint_path
+
+def _earlier_seconds(log_path: Path, epochs: int) -> dict[int, float]:
+    """Seconds per epoch of the first `epochs` epochs, from the log an earlier call wrote (empty if none)."""
+    if not epochs or not log_path.exists():
+        return {}
+    earlier = pd.read_csv(log_path)
+    if "seconds" not in earlier.columns:
+        return {}
+    return {int(e): float(s) for e, s in zip(earlier["epoch"], earlier["seconds"]) if e <= epochs}
 
 
 def train_epoch(model, optimizer, train_set, variant, profile, seed: int, epoch: int, device,
@@ -151,15 +164,3 @@ def train_epoch(model, optimizer, train_set, variant, profile, seed: int, epoch:
     if usage is not None:
         means.update({f"memory_{k}": v for k, v in usage_stats(usage.numpy()).items()})
     return means
-
-
-@exit_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = run_arguments(__doc__.splitlines()[0], argv)
-    path = train(args.dataset, args.variant, args.seed, args.params)
-    print(f"checkpoint: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    exit_now(main())

@@ -23,8 +23,9 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io
+import yaml
 
-from pipeline.config import Archive, Dataset, Profile
+from pipeline.config import DEFAULT_PARAMS, Archive, ArchiveSource, Dataset, Profile
 
 # ----------------------------------------------------------------------------------------------------------------
 # Local HTTP server with Range support and a request log
@@ -134,8 +135,19 @@ def tiny_profile(frame_size: int = 16, channels: int = 3) -> Profile:
 
 def make_dataset(kind: str, archives: list[Archive], *, fmt: str = "raw", frame_size: int = 16, channels: int = 3,
                  workers: int = 1, name: str | None = None) -> Dataset:
-    return Dataset(name=name or kind, kind=kind, profile_name="tiny", profile=tiny_profile(frame_size, channels),
-                   format=fmt, sources={fmt: tuple(archives)}, extract_workers=workers)
+    return Dataset(name=name or kind, kind=kind, profile=tiny_profile(frame_size, channels),
+                   source=ArchiveSource(format=fmt, extract_workers=workers, archives={fmt: tuple(archives)}))
+
+
+def write_params(path: Path, *datasets: Dataset) -> Path:
+    """A params.yaml: the repository's, with `datasets` added (or replacing those of the same name) in its layout
+    datasets.<name>.{kind, profile, source}."""
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    for dataset in datasets:
+        raw["datasets"][dataset.name] = dataset.model_dump(mode="json", exclude={"name"}, exclude_none=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def archive_entry(path: Path, urls: tuple[str, ...] = (), local: bool = False) -> Archive:
@@ -382,7 +394,8 @@ def read_labels_csv(out_dir: Path):
 
 
 def assert_matches_truth(out_dir: Path, truth: Truth, frame_size: int, channels: int) -> None:
-    expected_files = ["labels.csv"]
+    """out_dir as pipeline.prepare leaves it: the frames, labels.csv and the manifest."""
+    expected_files = ["labels.csv", "manifest.json"]
     for (split, video), frames in truth.frames.items():
         expected_files += [f"{split}/{video}/{i:06d}.png" for i in range(len(frames))]
     assert tree(out_dir) == sorted(expected_files)

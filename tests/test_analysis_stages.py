@@ -14,13 +14,15 @@ from threadpoolctl import threadpool_limits
 
 from analysis import anomaly_types, comparisons, memory_usage, replacement, timelines, tsne
 from analysis.common import Run
-from analysis.inference import LoadedRun, psnr
-from models.build import build_model, split_clip
-from pipeline.checkpoint import run_config, save_checkpoint
+from analysis.inference import LoadedRun, loaded_run
+from models.build import build_model
+from models.clips import split_clip
+from pipeline.checkpoint import fingerprint, save_checkpoint, training_config
 from pipeline.config import DEFAULT_PARAMS, REPO_ROOT, load_params
 from pipeline.data import clip_dataset
 from pipeline.metrics import roc_points, summarise
 from pipeline.paths import frames_dir, run_dir
+from pipeline.scoring import psnr
 
 VARIANTS = ["ae-recon", "ae-pred", "mnad-recon", "mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform",
             "mnad-recon-skip-sp25", "memae"]
@@ -32,7 +34,7 @@ QUALITY = {"ae-recon": 0.2, "ae-pred": 0.4, "mnad-recon": 0.5, "mnad-pred": 1.0,
 
 def write_params(path, **analysis):
     raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["study"] = {"datasets": ["tiny"], "variants": VARIANTS, "collapse_datasets": [], "collapse_variants": [],
+    raw["study"] = {"datasets": ["tiny"], "variants": VARIANTS, "complex_datasets": [], "complex_variants": [],
                     "seeds": SEEDS}
     raw["analysis"].update({"tsne_queries": 120, "tsne_perplexity": 10, "usage_train_windows": 8,
                             "bootstrap_samples": 200, "replacement_examples": 2, "timeline_videos": 2, **analysis})
@@ -67,13 +69,16 @@ def calibrate_batchnorm(model, variant, data_root):
 
 
 def save_untrained(params, variant_name, seed, runs_root, data_root):
-    """A checkpoint exactly as pipeline.train writes it, of a model that was never trained."""
+    """A finished checkpoint as pipeline.train writes it (its fingerprint matches the params), of a model that was
+    never trained."""
     dataset, variant = params.dataset("tiny"), params.variant(variant_name)
     torch.manual_seed(seed)
     model = build_model(variant, dataset.profile)
     calibrate_batchnorm(model, variant, data_root)
     path = run_dir("tiny", variant_name, seed, runs_root) / "checkpoint.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": run_config(dataset, variant, seed), "epoch": 1})
+    config = training_config(dataset, variant, seed, frames_dir("tiny", data_root))
+    save_checkpoint(path, {"model": model.state_dict(), "config": config, "fingerprint": fingerprint(config),
+                           "epoch": dataset.profile.epochs})
     return path
 
 
@@ -149,7 +154,7 @@ def test_a_memory_that_every_query_picks_one_item_of_is_flagged_collapsed(study,
     runs_root = tmp_path / "runs"
     for seed in SEEDS:
         path = save_untrained(params, "mnad-pred", seed, runs_root, study["data"])
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         last_conv = "encoder.block4.3"
         state["model"][f"{last_conv}.weight"].zero_()
         state["model"][f"{last_conv}.bias"].copy_(torch.linspace(-1, 1, state["model"][f"{last_conv}.bias"].numel()))
@@ -184,8 +189,8 @@ def test_silhouette_is_nan_with_one_item_and_high_for_separated_clusters():
 def test_the_tsne_subsample_is_fixed_by_the_seed(study):
     params = study["params"]
     run = Run("tiny", "mnad-pred", 0, run_dir("tiny", "mnad-pred", 0, study["runs"]))
-    first = tsne.sample_queries(LoadedRun(run, study["data"]), 50, 16)
-    again = tsne.sample_queries(LoadedRun(run, study["data"]), 50, params.evaluate.batch_size)
+    first = tsne.sample_queries(LoadedRun(run, params, study["data"]), 50, 16)
+    again = tsne.sample_queries(LoadedRun(run, params, study["data"]), 50, params.evaluate.batch_size)
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
 
@@ -193,7 +198,8 @@ def test_the_tsne_subsample_is_fixed_by_the_seed(study):
 def test_encodings_give_the_queries_and_items_of_the_full_forward_pass(study, variant):
     """memory_usage and tsne run only the encoder and the memory read: what they see must be what the whole model
     sees."""
-    loaded = LoadedRun(Run("tiny", variant, 0, run_dir("tiny", variant, 0, study["runs"])), study["data"])
+    loaded = LoadedRun(Run("tiny", variant, 0, run_dir("tiny", variant, 0, study["runs"])), study["params"],
+                       study["data"])
     dataset, indices = loaded.windows("test"), [0, 3, 4, 9, 10]
     encoded = list(loaded.encodings(dataset, indices, batch_size=2))
     full = list(loaded.batches(dataset, indices, batch_size=2))
@@ -218,7 +224,7 @@ def test_replacement_table_covers_every_part_and_fill_and_writes_examples(study)
 
 def test_replacement_really_reaches_the_decoder_and_changes_a_skipless_output(study):
     run = Run("tiny", "mnad-recon", 0, run_dir("tiny", "mnad-recon", 0, study["runs"]))
-    loaded = LoadedRun(run, study["data"])
+    loaded = LoadedRun(run, study["params"], study["data"])
     assert not loaded.variant.skips
     seen = []
     handle = loaded.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
@@ -295,7 +301,7 @@ def test_replacement_on_a_window_sample_uses_exactly_those_windows(study, tmp_pa
     out = tmp_path / "analysis"
     table = replacement.replacement("tiny", params, runs_root=study["runs"], data_root=study["data"], out_root=out)
     run = Run("tiny", "mnad-pred", 1, run_dir("tiny", "mnad-pred", 1, study["runs"]))
-    loaded = LoadedRun(run, study["data"])
+    loaded = LoadedRun(run, params, study["data"])
     dataset = loaded.windows("test")
     sample = np.sort(np.random.default_rng(1).choice(len(dataset), size=12, replace=False))  # seeded by the run's seed
     psnrs = np.concatenate([psnr(result.output, target) for _, _, target, result in loaded.batches(dataset, sample, 5)])
@@ -303,9 +309,26 @@ def test_replacement_on_a_window_sample_uses_exactly_those_windows(study, tmp_pa
     assert normal["psnr_to_target"].item() == pytest.approx(psnrs.mean(), rel=1e-6)
 
 
+def test_the_model_analyses_of_a_dataset_load_each_model_once(study, monkeypatch):
+    loads = []
+    original = LoadedRun.__init__
+
+    def counted(self, run, *args, **kwargs):
+        loads.append((run.variant, run.seed))
+        original(self, run, *args, **kwargs)
+
+    monkeypatch.setattr(LoadedRun, "__init__", counted)
+    monkeypatch.setattr("analysis.inference._LOADED", {})
+    for analyse in (memory_usage.memory_usage, tsne.tsne, replacement.replacement, anomaly_types.anomaly_types):
+        analyse("tiny", study["params"], **roots(study))
+    assert ("mnad-pred", 0) in loads and len(loads) == len(set(loads))
+    run = Run("tiny", "mnad-pred", 0, run_dir("tiny", "mnad-pred", 0, study["runs"]))
+    assert loaded_run(run, study["params"], study["data"]) is loaded_run(run, study["params"], study["data"])
+
+
 def test_the_stages_that_only_read_tables_do_not_import_torch():
-    """prepare, timelines, comparisons and report: torch's import would be most of their start-up."""
-    code = ("import sys, pipeline.prepare, analysis.timelines, analysis.comparisons, analysis.report; "
-            "print(sorted(m for m in ('torch', 'sklearn', 'mlflow') if m in sys.modules))")
+    """prepare, the score analyses and report: torch's import would be most of their start-up."""
+    code = ("import sys, pipeline.prepare, analysis.score_analyses, analysis.report; "
+            "print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

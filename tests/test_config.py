@@ -24,7 +24,7 @@ def test_repository_params_load_with_the_design_variants():
     assert (memae.window, memae.scored_offset, memae.memory_items, memae.grayscale) == (16, 8, 2000, True)
     assert params.variant("mnad-recon-skip-sp25").noise_amount == 0.25
     assert params.variant("mnad-pred-uniform").uniform_weight == 1.0
-    assert params.dataset("synthetic").generator.square_size == pytest.approx(17.72, abs=0.01)
+    assert params.dataset("synthetic").source.square_size == pytest.approx(17.72, abs=0.01)
 
 
 def test_unknown_dataset_and_variant_name_the_valid_choices():
@@ -42,17 +42,17 @@ def test_study_naming_an_unknown_variant(raw):
 
 
 def test_missing_key_is_named(raw):
-    del raw["profiles"]["tiny"]["epochs"]
-    with pytest.raises(ConfigError, match=r"^params.yaml: profiles.tiny.epochs: missing \(expected int\)$"):
+    del raw["datasets"]["tiny"]["profile"]["epochs"]
+    with pytest.raises(ConfigError, match=r"^params.yaml: datasets.tiny.profile.epochs: missing \(expected int\)$"):
         parse_params(raw)
 
 
 def test_wrong_type_is_named(raw):
-    raw["profiles"]["synthetic"]["batch_size"] = "eight"
-    with pytest.raises(ConfigError, match=r"profiles.synthetic.batch_size: expected an integer, got 'eight'"):
+    raw["datasets"]["synthetic"]["profile"]["batch_size"] = "eight"
+    with pytest.raises(ConfigError, match=r"datasets.synthetic.profile.batch_size: expected an integer, got 'eight'"):
         parse_params(raw)
     raw = copy.deepcopy(raw)
-    raw["profiles"]["synthetic"]["batch_size"] = 8
+    raw["datasets"]["synthetic"]["profile"]["batch_size"] = 8
     raw["variants"]["mnad-pred"] = {"skips": "yes"}
     with pytest.raises(ConfigError, match=r"variants.mnad-pred.skips: expected true or false, got 'yes'"):
         parse_params(raw)
@@ -68,8 +68,8 @@ def test_unknown_option_and_bad_choice(raw):
 
 
 def test_frame_size_must_suit_three_poolings(raw):
-    raw["profiles"]["tiny"]["frame_size"] = 30
-    with pytest.raises(ConfigError, match="profiles.tiny.frame_size: must be a multiple of 8"):
+    raw["datasets"]["tiny"]["profile"]["frame_size"] = 30
+    with pytest.raises(ConfigError, match="datasets.tiny.profile.frame_size: must be a multiple of 8"):
         parse_params(raw)
 
 
@@ -89,7 +89,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_stage_exits_cleanly_on_a_config_error(tmp_path, capsys):
-    from pipeline.train import main
+    from pipeline.run import main
 
     assert main(["--dataset", "nope", "--variant", "mnad-pred", "--seed", "0"]) == 2
     err = capsys.readouterr().err
@@ -102,3 +102,47 @@ def test_params_yaml_reads_the_same_under_dvcs_yaml_parser():
     from dvc.utils.serialize import load_yaml
 
     assert load_yaml(DEFAULT_PARAMS) == yaml.safe_load(DEFAULT_PARAMS.read_text())
+
+
+def test_pydantic_errors_are_worded_with_the_key_path_and_the_fix(raw):
+    cases = [
+        (("datasets", "tiny", "profile"), {"epoch": 2},
+         r"^params.yaml: datasets.tiny.profile: unknown option 'epoch'; valid options: \['frame_size', 'channels'"),
+        (("datasets", "tiny", "source"), {"objects": [1]},
+         r"^params.yaml: datasets.tiny.source.objects: expected a list of 2 values, got \[1\]$"),
+        (("datasets", "tiny", "source"), {"objects": [3, 1]},
+         r"^params.yaml: datasets.tiny.source.objects: must be \[min, max\] with 0 <= min <= max, got \[3, 1\]$"),
+        (("datasets", "tiny", "source"), {"anomaly_types": ["spatial", "sideways"]},
+         r"^params.yaml: datasets.tiny.source.anomaly_types\[1\]: unknown value 'sideways'; valid: \['spatial', "),
+        (("datasets", "ped2", "source"), {"format": "preextracted"},
+         r"^params.yaml: datasets.ped2.source: no archives listed for format 'preextracted'; listed: \['raw'\]$"),
+        (("evaluate",), {"nan_policy": "ignore"},
+         r"^params.yaml: evaluate.nan_policy: unknown value 'ignore'; valid: \['safe', 'reference'\]$"),
+        (("analysis",), {"bootstrap_samples": 10},
+         r"^params.yaml: analysis.bootstrap_samples: must be at least 100 for a 95% interval, got 10$"),
+    ]
+    for path, change, message in cases:
+        edited = copy.deepcopy(raw)
+        section = edited
+        for key in path:
+            section = section[key]
+        section.update(change)
+        with pytest.raises(ConfigError, match=message):
+            parse_params(edited)
+
+
+def test_a_bad_default_is_named_where_it_is_written(raw):
+    raw["variant_defaults"]["skips"] = "yes"
+    with pytest.raises(ConfigError, match=r"^params.yaml: variant_defaults.skips: expected true or false, got 'yes'$"):
+        parse_params(raw)
+    raw["variant_defaults"]["skips"] = True
+    raw["variants"]["memae"]["memory"] = "mnad"
+    with pytest.raises(ConfigError, match=r"^params.yaml: variants.memae.memory: a memae variant takes memory memae"):
+        parse_params(raw)
+
+
+def test_the_training_options_leave_out_what_only_scores():
+    variant = load_params().variant("mnad-pred")
+    options = variant.training_options()
+    assert "alpha" not in options and "test_threshold" not in options and "name" not in options
+    assert options["compactness_weight"] == 0.1 and options["skips"] is True

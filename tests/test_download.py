@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Archive, load_params
+from pipeline.config import Archive, ArchiveSource, load_params
 from pipeline.download import fetch
 from pipeline.errors import UserError
 
@@ -18,7 +18,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so a cut lands mid-stream
 NAME = "UCSD_Anomaly_Dataset.tar.gz"
-KEY = "datasets.ped2.sources.raw[0]"
+KEY = "datasets.ped2.source.archives.raw[0]"
 
 
 def archive(urls, sha256=None, local_path=None) -> Archive:
@@ -170,7 +170,7 @@ def test_missing_local_path_names_the_key(tmp_path):
 
 
 def test_bad_sha256_in_params_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"sources.raw\[0\].sha256: 'abc' is not a sha256"):
+    with pytest.raises(UserError, match=r"source.archives.raw\[0\].sha256: 'abc' is not a sha256"):
         fetch(Archive(name=NAME, urls=(), sha256="abc"), tmp_path, params_key=KEY)
 
 
@@ -192,12 +192,18 @@ REAL_SOURCES = {
 }
 
 
+# MNAD's settings: 256x256 BGR, full width, batch 4, Adam 2e-4, every clip; 60 epochs, 10 on ShanghaiTech
+PAPER_PROFILE = {"frame_size": 256, "channels": 3, "width": 1.0, "batch_size": 4, "lr": 2.0e-4, "max_train_clips": 0}
+
+
 @pytest.mark.parametrize("name", sorted(REAL_SOURCES))
 def test_params_yaml_lists_the_real_datasets(name):
     params = load_params()
     dataset = params.dataset(name)
-    assert dataset.kind == name and dataset.profile_name == "paper" and dataset.format == "raw"
-    assert dataset.extract_workers == 4
-    listed = [(a.name, a.urls, a.sha256, a.local_path) for a in dataset.sources["raw"]]
+    assert dataset.kind == name and isinstance(dataset.source, ArchiveSource)
+    assert {key: getattr(dataset.profile, key) for key in PAPER_PROFILE} == PAPER_PROFILE
+    assert dataset.profile.epochs == (10 if name == "shanghaitech" else 60)
+    assert dataset.source.format == "raw" and dataset.source.extract_workers == 4
+    listed = [(a.name, a.urls, a.sha256, a.local_path) for a in dataset.source.archives["raw"]]
     assert listed == [(file, (url,), sha, None) for file, url, sha in REAL_SOURCES[name]]
     assert name not in params.study.all_datasets  # the default study stays synthetic

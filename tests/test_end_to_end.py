@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -32,7 +33,7 @@ def repro(tmp_path_factory):
         shutil.copy2(REPO_ROOT / name, work / name)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["study"]["datasets"] = ["tiny"]
-    params["study"]["collapse_datasets"] = []  # the *_collapse twins are the same definitions (see below)
+    params["study"]["complex_datasets"] = []  # the *_complex twins are the same definitions (see below)
     params["study"]["seeds"] = [0]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
@@ -47,21 +48,20 @@ def repro(tmp_path_factory):
     return work, env
 
 
-def test_collapse_stages_are_the_same_stages_over_the_collapse_study():
-    """The default dvc.yaml expands the *_collapse twins over study.collapse_datasets x collapse_variants."""
+def test_complex_stages_are_the_same_stages_over_the_complex_datasets():
+    """The default dvc.yaml expands the *_complex twins over study.complex_datasets x complex_variants."""
     listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
     study = load_params().study
-    for dataset in study.collapse_datasets:
-        assert f"prepare_collapse@{dataset}" in listed and f"report" in listed
-        for variant in study.collapse_variants:
+    for dataset in study.complex_datasets:
+        assert f"prepare_complex@{dataset}" in listed and f"baseline_complex@{dataset}" in listed
+        for variant in study.complex_variants:
             for seed in study.seeds:
-                assert f"train_collapse@{dataset}-{variant}-{seed}" in listed
-                assert f"evaluate_collapse@{dataset}-{variant}-{seed}" in listed
-    trained = [name for name in listed if name.startswith("train")]
+                assert f"run_complex@{dataset}-{variant}-{seed}" in listed
+    runs = [name for name in listed if name.startswith("run")]
     expected = len(study.seeds) * (len(study.datasets) * len(study.variants)
-                                   + len(study.collapse_datasets) * len(study.collapse_variants))
-    assert len(trained) == expected
+                                   + len(study.complex_datasets) * len(study.complex_variants))
+    assert len(runs) == expected
 
 
 def test_repro_writes_metrics_for_every_variant(repro):
@@ -74,20 +74,46 @@ def test_repro_writes_metrics_for_every_variant(repro):
     assert "changed" not in status.stdout, status.stdout  # everything up to date after one repro
 
 
-def test_mlflow_store_holds_one_run_per_variant_with_train_and_eval_metrics(repro):
+def test_mlflow_holds_a_finished_study_run_with_one_nested_run_per_variant(repro):
     work, env = repro
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI opens on its runs
     runs = client.search_runs([experiment.experiment_id])
-    names = sorted(run.info.run_name for run in runs)
+    [study_run] = [run for run in runs if run.info.run_name == "study"]
+    assert study_run.info.status == "FINISHED"
+    artifacts = {f.path for f in client.list_artifacts(study_run.info.run_id)}
+    assert "REPORT.md" in artifacts and "figures" in artifacts
+    figures = {f.path for f in client.list_artifacts(study_run.info.run_id, "figures")}
+    assert {"figures/memory_usage", "figures/comparisons", "figures/timelines"} <= figures
+    nested = [run for run in runs if run.info.run_name != "study"]
     study = load_params(work / "params.yaml").study
-    assert names == sorted([f"{v}/seed0" for v in study.variants] + ["copy-last/seed0"])
-    for run in runs:
+    assert sorted(run.info.run_name for run in nested) == sorted([f"{v}/seed0" for v in study.variants]
+                                                                  + ["copy-last/seed0"])
+    for run in nested:
+        assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id
         if run.info.run_name != "copy-last/seed0":
             assert "loss" in run.data.metrics, run.info.run_name
-        assert "eval.without_update.auc_micro" in run.data.metrics, run.info.run_name
+        assert {"eval.without_update.auc_micro", "auc_micro"} <= set(run.data.metrics), run.info.run_name
+        # each run lasts its own stage's work, not the span of the whole study
+        assert run.info.end_time - run.info.start_time < 0.5 * (study_run.info.end_time - study_run.info.start_time)
+
+
+def test_dvc_plots_overlay_the_variants_of_a_dataset(repro):
+    work, env = repro
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    plots = json.loads(shown)["data"]
+    assert set(plots) == {"roc", "train_loss"}   # two overlays, not one plot per run
+    for [rendered] in plots.values():   # the template colours by variant and draws a panel per dataset
+        content = rendered["content"]
+        assert content["spec"]["encoding"]["color"]["field"] == "variant" and content["facet"]["row"]["field"] == \
+            "dataset"
+    roc = pd.read_csv(work / "analysis" / "plots" / "roc.csv")
+    study = load_params(work / "params.yaml").study
+    assert set(roc["variant"]) == set(study.variants) | {"copy-last"} and set(roc["dataset"]) == {"tiny"}
 
 
 def free_port():
@@ -130,17 +156,33 @@ def test_mlflow_ui_serves_the_runs(repro):
 
 
 def test_dvc_exp_run_with_a_changed_option(repro):
-    """`dvc exp run -S key=value` reruns what depends on the key and records the experiment (runs last: it changes
-    the copy's workspace)."""
+    """`dvc exp run -S key=value` reruns what depends on the key and records the experiment (these run last: they
+    change the copy's workspace)."""
     work, env = repro
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "results of the first repro"]):
         subprocess.run(command, cwd=work, check=True, env=env)
     result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "analysis.timeline_videos=1"],
                             cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Running stage 'timelines@tiny'" in result.stdout
-    assert "Running stage 'train@" not in result.stdout  # nothing that does not read the key reruns
+    assert "Running stage 'score_analyses@tiny'" in result.stdout
+    assert "Running stage 'run@" not in result.stdout  # nothing that does not read the key reruns
+    assert "Running stage 'model_analyses@" not in result.stdout
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert re.search(r'"timeline_videos":\s*1\b', shown), shown[:2000]
 
+
+def test_an_evaluation_only_change_reruns_evaluation_and_not_training(repro):
+    work, env = repro
+    checkpoint = work / "runs" / "tiny" / "mnad-recon" / "seed0" / "checkpoint.pt"
+    before = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns
+    metrics_before = json.loads((checkpoint.parent / "metrics.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "variants.mnad-recon.alpha=0.3"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reran = re.findall(r"Running stage '(run[^@]*@[^']+)'", result.stdout)
+    assert reran == ["run@tiny-mnad-recon-0"]
+    assert "training: the finished checkpoint matches; nothing to train" in result.stdout + result.stderr
+    assert (checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns) == before
+    metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
+    assert metrics["with_update"]["auc_micro"] != metrics_before["with_update"]["auc_micro"]

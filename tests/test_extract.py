@@ -1,6 +1,8 @@
-"""pipeline.extract.prepare_real on tiny archives with the real layouts: frames, labels, and every failure mode."""
+"""pipeline.datasets.prepare_real, run by the prepare stage (pipeline.prepare.prepare) on tiny archives with the real
+layouts: frames, labels, the manifest, and every failure mode."""
 from __future__ import annotations
 
+import json
 import re
 import tarfile
 import zipfile
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 import scipy.io
 
+from pipeline.datasets.labels import read_range_mat
+from pipeline.datasets.ped2 import parse_ucsd_ground_truth
 from pipeline.errors import UserError
-from pipeline.extract import parse_ucsd_ground_truth, prepare_real, read_range_mat
+from pipeline.prepare import prepare
 
 try:
     from tests import realdata_fixtures as fx
@@ -35,9 +39,10 @@ def local(archives: list[Path]) -> list:
 
 
 def run_prepare(tmp_path: Path, dataset, tag: str = "out") -> tuple[dict, Path]:
-    out_dir = tmp_path / tag / "frames" / dataset.name
-    summary = prepare_real(dataset, tmp_path / tag / "raw" / dataset.name, out_dir)
-    return summary, out_dir
+    """The prepare stage for `dataset`, from a params.yaml listing it, with data root tmp_path/tag."""
+    root = tmp_path / tag
+    summary = prepare(dataset.name, fx.write_params(root / "params.yaml", dataset), data_root=root)
+    return summary, root / "frames" / dataset.name
 
 
 def assert_nothing_built(tmp_path: Path, dataset, tag: str = "out") -> None:
@@ -55,6 +60,8 @@ def test_ped2_raw_end_to_end(server, tmp_path):
     dataset = fx.make_dataset("ped2", serve(server, built.archives), frame_size=16, channels=3)
     summary, out_dir = run_prepare(tmp_path, dataset)
     fx.assert_matches_truth(out_dir, built.truth, frame_size=16, channels=3)  # grey tifs become BGR
+    summary.pop("seconds")
+    assert summary.pop("manifest") == json.loads((out_dir / "manifest.json").read_text())
     assert summary == {
         "dataset": "ped2", "kind": "ped2", "format": "raw", "archives": ["UCSD_Anomaly_Dataset.tar.gz"],
         "frame_size": 16, "channels": 3, "train_videos": 2, "train_frames": 11, "test_videos": 2,
@@ -86,7 +93,8 @@ def test_rerun_replaces_previous_output_and_clears_a_killed_build(tmp_path):
     dataset = fx.make_dataset("ped2", local(built.archives))
     _, out_dir = run_prepare(tmp_path, dataset)
     (out_dir / "stale.txt").write_text("from an older run")
-    (out_dir.parent / ".ped2.building-killed" / "frames").mkdir(parents=True)  # what a SIGKILL leaves
+    (out_dir.parent / ".ped2.staging-killed" / "train").mkdir(parents=True)  # what a SIGKILL leaves: mid-build,
+    (out_dir.parent / ".ped2.old-killed" / "ped2").mkdir(parents=True)       # or mid-swap
     run_prepare(tmp_path, dataset)
     fx.assert_matches_truth(out_dir, built.truth, frame_size=16, channels=3)
     assert fx.leftovers(out_dir.parent) == ["ped2"]
@@ -126,9 +134,9 @@ def test_download_failure_builds_nothing(server, tmp_path):
     entry = fx.archive_entry(built.archives[0], urls=(server.url("missing.tar.gz"),))
     dataset = fx.make_dataset("ped2", [entry])
     with pytest.raises(UserError, match=r"HTTP error 404.*put UCSD_Anomaly_Dataset.tar.gz in .*raw/ped2/ or set "
-                                        r"datasets.ped2.sources.raw\[0\].local_path"):
+                                        r"datasets.ped2.source.archives.raw\[0\].local_path"):
         run_prepare(tmp_path, dataset)
-    assert not (tmp_path / "out" / "frames").exists()
+    assert_nothing_built(tmp_path, dataset)
 
 
 UNSAFE_MEMBERS = {
@@ -196,11 +204,11 @@ def test_label_count_mismatch_names_video_and_counts(tmp_path):
 def test_failed_rebuild_keeps_the_previous_output(tmp_path):
     good = fx.build_avenue_raw(tmp_path / "good")
     _, out_dir = run_prepare(tmp_path, fx.make_dataset("avenue", local(good.archives)))
-    before = fx.tree(out_dir)
+    before = {name: (out_dir / name).read_bytes() for name in fx.tree(out_dir)}
     bad = fx.build_avenue_raw(tmp_path / "bad", extra_label_frames=2)
     with pytest.raises(UserError, match="labels in"):
-        prepare_real(fx.make_dataset("avenue", local(bad.archives)), tmp_path / "raw2", out_dir)
-    assert fx.tree(out_dir) == before
+        run_prepare(tmp_path, fx.make_dataset("avenue", local(bad.archives)))
+    assert {name: (out_dir / name).read_bytes() for name in fx.tree(out_dir)} == before
     assert fx.leftovers(out_dir.parent) == ["avenue"]
 
 

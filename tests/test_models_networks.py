@@ -2,13 +2,14 @@
 feature replacement reaches the decoder; CopyLast copies; the paper-width architecture has the paper's channels."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
 
-from models.build import build_model, compute_loss, split_clip
+from models.build import build_model
+from models.clips import split_clip
+from models.losses import compute_loss
 from models.memae import MemAE
 from models.mnad import MNAD, CopyLast, Replacement
 from pipeline.config import load_params
@@ -18,7 +19,7 @@ VARIANTS = sorted(PARAMS.variants)
 
 
 def profile(width=0.125, channels=1):
-    return dataclasses.replace(PARAMS.profiles["tiny"], width=width, channels=channels)
+    return PARAMS.dataset("tiny").profile.model_copy(update={"width": width, "channels": channels})
 
 
 def clip_for(variant, size, channels=1, batch=2):
@@ -304,7 +305,7 @@ def test_runs_on_device(device):
     ("memae", {"input_frames": 8}),
 ])
 def test_options_outside_params_yaml(base, options):
-    variant = dataclasses.replace(PARAMS.variant(base), **options)
+    variant = PARAMS.variant(base).model_copy(update=options)
     torch.manual_seed(0)
     model = build_model(variant, profile())
     inputs, target = split_clip(clip_for(variant, 32), variant)

@@ -55,8 +55,8 @@ def write_table(root, topic, dataset, name, rows):
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["study"] = {"datasets": [*RAN, "synthetic"], "variants": VARIANTS, "collapse_datasets": [],
-                    "collapse_variants": [], "seeds": SEEDS}  # synthetic: no runs
+    raw["study"] = {"datasets": [*RAN, "synthetic"], "variants": VARIANTS, "complex_datasets": [],
+                    "complex_variants": [], "seeds": SEEDS}  # synthetic: no runs
     raw["analysis"]["bootstrap_samples"] = 300
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(root / "params.yaml")

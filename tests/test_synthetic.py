@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_params
-from pipeline.synthetic import MIN_LEAD_IN_FRAMES, write_dataset
+from pipeline.io import atomic_folder
+from pipeline.prepare import MANIFEST, prepare, seal
+from pipeline.synthetic import MIN_LEAD_IN_FRAMES, render_dataset
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +23,17 @@ def tiny():
     return load_params().dataset("tiny")
 
 
-def with_options(dataset, frame_size=None, channels=None, seed=None, **generator_options):
-    """The dataset with some generator options changed; frame_size defaults to the render size (no resize)."""
-    generator = dataclasses.replace(dataset.generator, **generator_options)
-    profile = dataclasses.replace(dataset.profile, frame_size=frame_size or generator.render_size,
-                                  channels=channels or dataset.profile.channels)
-    return dataclasses.replace(dataset, generator=generator, profile=profile,
-                               seed=dataset.seed if seed is None else seed)
+def with_source(dataset, **source_options):
+    """The dataset with some options of its source (the generator, and its seed) changed; profile kept."""
+    return dataset.model_copy(update={"source": dataset.source.model_copy(update=source_options)})
+
+
+def with_options(dataset, frame_size=None, channels=None, **source_options):
+    """The dataset with some source options changed; frame_size defaults to the render size (no resize)."""
+    dataset = with_source(dataset, **source_options)
+    profile = dataset.profile.model_copy(update={"frame_size": frame_size or dataset.source.render_size,
+                                                 "channels": channels or dataset.profile.channels})
+    return dataset.model_copy(update={"profile": profile})
 
 
 def read_labels(root: Path) -> list[dict]:
@@ -84,9 +91,9 @@ def all_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny, tmp_path):
-    write_dataset(tiny, tmp_path / "a")
-    write_dataset(tiny, tmp_path / "b")
-    write_dataset(dataclasses.replace(tiny, seed=tiny.seed + 1), tmp_path / "c")
+    render_dataset(tiny, tmp_path / "a")
+    render_dataset(tiny, tmp_path / "b")
+    render_dataset(with_source(tiny, seed=tiny.source.seed + 1), tmp_path / "c")
     first, again, other = (all_bytes(tmp_path / name) for name in "abc")
     assert first == again
     assert first.keys() == other.keys()
@@ -98,8 +105,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny, tmp_path
 def test_layout_sizes_channels_and_labels_table(tiny, tmp_path, frame_size, channels):
     dataset = with_options(tiny, frame_size=frame_size, channels=channels)
     out = tmp_path / "frames"
-    summary = write_dataset(dataset, out)
-    gen = dataset.generator
+    summary = render_dataset(dataset, out)
+    gen = dataset.source
 
     labels = read_labels(out)
     assert list(labels[0]) == ["split", "video", "frame", "label", "anomaly_type"]
@@ -127,27 +134,62 @@ def test_layout_sizes_channels_and_labels_table(tiny, tmp_path, frame_size, chan
     abnormal = {kind: sum(r["anomaly_type"] == kind for r in labels) for kind in summary["abnormal_frames"]}
     assert summary["abnormal_frames"] == abnormal
     assert summary["train_frames"] + summary["test_frames"] == len(labels)
-    assert [p.name for p in tmp_path.iterdir()] == ["frames"]   # no staging folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"]   # nothing written beside the dataset
 
 
-def test_rewrite_replaces_the_old_dataset_and_leaves_no_temp_folder(tiny, tmp_path):
+def test_rewrite_in_atomic_folder_replaces_the_old_dataset_and_leaves_no_staging_folder(tiny, tmp_path):
     out = tmp_path / "frames"
-    write_dataset(tiny, out)
+    with atomic_folder(out) as staging:
+        render_dataset(tiny, staging)
     (out / "stale.txt").write_text("from an older run")
-    write_dataset(tiny, out)
-    assert not (out / "stale.txt").exists()
+    (tmp_path / ".frames.staging-killed").mkdir()   # what a killed run leaves beside it
+    other = with_source(tiny, seed=tiny.source.seed + 1)
+    with atomic_folder(out) as staging:
+        render_dataset(other, staging)
+    render_dataset(other, tmp_path / "expected")
+    assert all_bytes(out) == all_bytes(tmp_path / "expected")   # the new render, whole, and nothing of the old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "frames"]
+
+
+def test_a_render_that_raises_inside_atomic_folder_keeps_the_previous_dataset(tiny, tmp_path):
+    out = tmp_path / "frames"
+    with atomic_folder(out) as staging:
+        render_dataset(tiny, staging)
+    before = all_bytes(out)
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        with atomic_folder(out) as staging:
+            render_dataset(with_source(tiny, seed=tiny.source.seed + 1), staging)   # other frames, never swapped in
+            raise RuntimeError("killed mid-build")
+    assert all_bytes(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["frames"]
 
 
-def test_a_failed_render_keeps_the_previous_dataset(tiny, tmp_path, monkeypatch):
-    out = tmp_path / "frames"
-    write_dataset(tiny, out)
+def test_a_failed_prepare_keeps_the_previous_frames_and_manifest(tmp_path, monkeypatch):
+    out = tmp_path / "frames" / "tiny"
+    prepare("tiny", data_root=tmp_path)
     before = all_bytes(out)
     monkeypatch.setattr(cv2, "imwrite", lambda *args: False)
     with pytest.raises(OSError, match="could not write"):
-        write_dataset(tiny, out)
+        prepare("tiny", data_root=tmp_path)
     assert all_bytes(out) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["frames"]
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]   # the staging folder is gone
+
+
+def test_prepare_writes_a_manifest_whose_digest_follows_the_frames_bytes(tmp_path):
+    summary = prepare("tiny", data_root=tmp_path)
+    out = tmp_path / "frames" / "tiny"
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert summary["manifest"] == manifest
+    assert manifest["files"] == sum(p.is_file() for p in out.rglob("*")) - 1   # every file but the manifest
+    assert seal(out) == manifest   # deterministic, and the manifest never digests itself
+
+    frame = sorted(out.rglob("*.png"))[0]
+    image = cv2.imread(str(frame), cv2.IMREAD_UNCHANGED)
+    image[0, 0] = 255 - image[0, 0]
+    assert cv2.imwrite(str(frame), image)
+    changed = seal(out)
+    assert changed["files"] == manifest["files"] and changed["sha256"] != manifest["sha256"]
+    assert json.loads((out / MANIFEST).read_text()) == changed
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -159,8 +201,8 @@ def test_speeds_shapes_and_labels_frame_by_frame(tiny, tmp_path, square_equal_ar
     dataset = with_options(tiny, render_size=64, objects=(1, 1), frames_per_video=100, circle_radius=6.0,
                            square_side=14.0, square_equal_area=square_equal_area, normal_speed=3.0,
                            anomaly_speed=7.0, event_length=(10, 14), event_gap=(5, 8), test_videos=3)
-    gen = dataset.generator
-    write_dataset(dataset, tmp_path)
+    gen = dataset.source
+    render_dataset(dataset, tmp_path)
     labels = read_labels(tmp_path)
     circle_area = math.pi * gen.circle_radius ** 2
     square_area = gen.square_size ** 2 if square_equal_area else 14.0 ** 2
@@ -190,7 +232,7 @@ def test_speeds_shapes_and_labels_frame_by_frame(tiny, tmp_path, square_equal_ar
 
 
 def test_squares_have_the_circles_area_by_default(tiny):
-    gen = tiny.generator
+    gen = tiny.source
     assert gen.square_equal_area and gen.square_size == pytest.approx(gen.circle_radius * math.sqrt(math.pi))
 
 
@@ -202,11 +244,11 @@ def test_object_count_is_constant_unless_an_event_adds_one(tiny, tmp_path, trans
     dataset = with_options(tiny, render_size=64, objects=(2, 2), frames_per_video=80, circle_radius=5.0,
                            normal_speed=3.0, anomaly_speed=6.0, event_length=(8, 12), event_gap=(4, 6),
                            test_videos=4, transform_existing=transform_existing)
-    write_dataset(dataset, tmp_path)
+    render_dataset(dataset, tmp_path)
     labels = read_labels(tmp_path)
-    area = math.pi * dataset.generator.circle_radius ** 2
+    area = math.pi * dataset.source.circle_radius ** 2
     clear, total = 0, 0
-    for index in range(dataset.generator.test_videos):
+    for index in range(dataset.source.test_videos):
         video = f"{index:02d}"
         for frame, kind in zip(read_video(tmp_path, "test", video), video_labels(labels, "test", video)):
             blobs = measure_blobs(frame)
@@ -220,8 +262,8 @@ def test_object_count_is_constant_unless_an_event_adds_one(tiny, tmp_path, trans
 
 def test_test_videos_schedule_each_type_after_a_normal_lead_in(tiny, tmp_path):
     dataset = with_options(tiny, frames_per_video=80, event_length=(6, 8), event_gap=(3, 5), test_videos=3)
-    gen = dataset.generator
-    summary = write_dataset(dataset, tmp_path)
+    gen = dataset.source
+    summary = render_dataset(dataset, tmp_path)
     labels = read_labels(tmp_path)
     assert summary["events"] == {kind: gen.test_videos for kind in gen.anomaly_types}
     assert summary["events_not_fitted"] == dict.fromkeys(gen.anomaly_types, 0)
@@ -241,7 +283,7 @@ def test_test_videos_schedule_each_type_after_a_normal_lead_in(tiny, tmp_path):
 
 def test_events_that_do_not_fit_are_left_out_and_reported(tiny, tmp_path):
     dataset = with_options(tiny, frames_per_video=24, event_length=(8, 8), event_gap=(4, 4), test_videos=2)
-    summary = write_dataset(dataset, tmp_path)
+    summary = render_dataset(dataset, tmp_path)
     # Lead-in 4 + 8 + gap 4 + 8 = 24: two events fit, the third does not.
     assert sum(summary["events"].values()) == 4
     assert sum(summary["events_not_fitted"].values()) == 2
@@ -255,7 +297,7 @@ def test_events_that_do_not_fit_are_left_out_and_reported(tiny, tmp_path):
 def test_scenes_give_distinct_backgrounds_shared_across_splits_and_noise(tiny, tmp_path):
     dataset = with_options(tiny, render_size=48, objects=(1, 1), circle_radius=3.0, frames_per_video=40,
                            train_videos=3, test_videos=3, scenes=3, noise_std=6.0)
-    write_dataset(dataset, tmp_path)
+    render_dataset(dataset, tmp_path)
     # Small moving objects cover a pixel in few frames, so the per-pixel median over a video is its background.
     videos = {(split, i): np.stack(read_video(tmp_path, split, f"{i:02d}")).astype(np.float64)
               for split in ("train", "test") for i in range(3)}

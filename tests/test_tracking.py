@@ -1,86 +1,82 @@
-"""MLflow tracking: the in-process Run and the worker process a stage run from the command line logs through."""
+"""MLflow conventions: experiments the UI opens on their runs, a study run per dataset with the runs nested under it,
+one run per (variant, seed) that each execution starts afresh, and the run's status when its stage fails."""
+import math
+
 import pytest
 
 from pipeline import tracking
-from pipeline.tracking import BackgroundRun, Run, _client, open_run
+from pipeline.tracking import Run, study_run
 
 
 def runs_of(dataset, variant, seed):
-    client = _client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(dataset)
     return client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.variant = '{variant}' and tags.seed = '{seed}'")
 
 
-def test_without_a_worker_open_run_is_in_process():
-    run = open_run("tracking-test", "plain", 0)
-    assert isinstance(run, Run)
-    run.finish()
-
-
-def test_a_worker_makes_every_call_in_order_and_the_run_reads_back(tmp_path):
+def test_a_run_logs_params_metrics_history_and_artifacts(tmp_path):
     artifact = tmp_path / "scores.csv"
     artifact.write_text("frame,score\n0,0.5\n")
-    tracking.start_worker()
-    run = open_run("tracking-test", "mnad-pred", 3, fresh=True)
-    assert isinstance(run, BackgroundRun)
-    assert open_run("tracking-test", "other", 0).__class__ is Run  # one worker serves one run
-    run.set_tags({"device": "cpu"})
-    run.log_params({"lr": 0.001, "variant.skips": True})
-    for epoch in (1, 2):
-        run.log_metrics({"loss": 1.0 / epoch, "skipped": None}, step=epoch)
-    run.log_artifact(artifact)
-    run.finish()
+    with Run("tracking-test", "mnad-pred", 3) as run:
+        run.set_tags({"device": "cpu"})
+        run.log_params({"lr": 0.001, "variant.skips": True})
+        run.log_history([(epoch, {"loss": 1.0 / epoch, "skipped": None, "undefined": math.nan}) for epoch in (1, 2)])
+        run.log_artifact(artifact)
+        run.finish()
 
     [logged] = runs_of("tracking-test", "mnad-pred", 3)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "mnad-pred/seed3"
     assert logged.data.tags["device"] == "cpu"
     assert logged.data.params == {"lr": "0.001", "variant.skips": "True"}
-    assert logged.data.metrics == {"loss": 0.5}  # the last step's value; None is left out
-    history = _client().get_metric_history(logged.info.run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
-    assert [f.path for f in _client().list_artifacts(logged.info.run_id)] == ["scores.csv"]
-    with pytest.raises(RuntimeError, match="already finished"):
-        run.log_metrics({"loss": 0.1})
+    assert logged.data.metrics == {"loss": 0.5}  # the last step's value; None and NaN are left out
+    history = tracking.client().get_metric_history(logged.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
+    assert [f.path for f in tracking.client().list_artifacts(logged.info.run_id)] == ["scores.csv"]
 
 
-def test_a_stage_that_dies_leaves_its_run_killed_and_one_that_raises_leaves_it_failed():
-    tracking.start_worker()
-    run = open_run("tracking-test", "ae-pred", 0, fresh=True)
-    run.log_metrics({"loss": 1.0}, step=1)
-    run._process.stdin.close()  # what the OS does to the pipe when the stage process is killed
-    assert run._process.wait() == 0
-    assert [r.info.status for r in runs_of("tracking-test", "ae-pred", 0)] == ["KILLED"]
+def test_runs_nest_under_one_study_run_and_a_rerun_replaces_the_run():
+    first = Run("tracking-nest", "ae-pred", 0)
+    first.log_metrics({"loss": 2.0}, step=1)
+    first.finish()
+    second = Run("tracking-nest", "ae-pred", 0)
+    second.finish()
+    other = Run("tracking-nest", "ae-recon", 0)
+    other.finish()
 
-    tracking.start_worker()
+    [kept] = runs_of("tracking-nest", "ae-pred", 0)
+    assert kept.info.run_id == second.run_id and "loss" not in kept.data.metrics  # the earlier execution is gone
+    parent = study_run("tracking-nest")
+    assert parent.run_id == study_run("tracking-nest").run_id   # found again, not created twice
+    client = tracking.client()
+    for run_id in (second.run_id, other.run_id):
+        assert client.get_run(run_id).data.tags[tracking.PARENT_TAG] == parent.run_id
+    study = client.get_run(parent.run_id)
+    assert study.info.run_name == "study" and study.info.status == "RUNNING"
+    experiment = client.get_experiment_by_name("tracking-nest")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_of_a_stage_that_raises_is_failed_and_one_interrupted_is_killed():
     with pytest.raises(ValueError, match="bad batch"):
-        with open_run("tracking-test", "ae-pred", 0) as run:
+        with Run("tracking-status", "mnad-pred", 0):
             raise ValueError("bad batch")
-    assert [r.info.status for r in runs_of("tracking-test", "ae-pred", 0)] == ["FAILED"]
-
-
-def test_a_broken_store_is_one_clear_error(tmp_path, monkeypatch):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")  # a folder that cannot exist
-    tracking.start_worker()
-    run = open_run("tracking-test", "mnad-pred", 0)
-    with pytest.raises(RuntimeError, match=r"MLflow logging failed \(tracking URI sqlite:///.*file/mlflow.db\)"):
-        run.finish()
-
-
-def test_ctrl_c_does_not_stop_the_worker_before_it_records_the_stage_failing():
-    import signal
-    import time
-
-    tracking.start_worker()
-    run = open_run("tracking-test", "memae", 0, fresh=True)
-    deadline = time.monotonic() + 120
-    while not runs_of("tracking-test", "memae", 0):  # the worker has opened the run, so its handlers are set
-        assert time.monotonic() < deadline, "the worker never opened the run"
-        time.sleep(0.2)
-    run._process.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends to every process of the group
+    assert [r.info.status for r in runs_of("tracking-status", "mnad-pred", 0)] == ["FAILED"]
     with pytest.raises(KeyboardInterrupt):
-        with run:
+        with Run("tracking-status", "mnad-pred", 0):
             raise KeyboardInterrupt
-    assert [r.info.status for r in runs_of("tracking-test", "memae", 0)] == ["FAILED"]
+    assert [r.info.status for r in runs_of("tracking-status", "mnad-pred", 0)] == ["KILLED"]
+
+
+def test_an_existing_experiment_is_tagged_for_the_runs_view():
+    client = tracking.client()
+    experiment_id = client.create_experiment("tracking-untagged")
+    assert tracking.experiment_id(client, "tracking-untagged") == experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_params_of_a_nested_config_are_flattened_with_their_strings():
+    assert tracking.flatten_params({"seed": 1, "variant": {"task": "predict", "skips": True}}) == \
+        {"seed": "1", "variant.task": "predict", "variant.skips": "True"}
+    assert tracking.flatten({"frames": 3, "headline": "with_update", "with_update": {"auc_micro": 0.9}}) == \
+        {"frames": 3.0, "with_update.auc_micro": 0.9}

@@ -1,6 +1,6 @@
-"""Training and evaluation stages on the tiny profile: resume, determinism, outputs, MLflow."""
+"""The run stage on the tiny profile: training resumes and repeats byte for byte, an evaluation-only change does not
+retrain, evaluation's test-time update, and the MLflow run of each execution."""
 import copy
-import dataclasses
 import json
 
 import numpy as np
@@ -9,96 +9,144 @@ import pytest
 import torch
 import yaml
 
-from models.build import split_clip
+from models.clips import split_clip
 from models.mnad import point_score
-from pipeline import checkpoint as ckpt
-from pipeline.config import DEFAULT_PARAMS
+from pipeline import tracking
+from pipeline.checkpoint import load_checkpoint, load_trained_model
+from pipeline.config import DEFAULT_PARAMS, load_params
 from pipeline.data import clip_dataset
-from pipeline.evaluate import evaluate, score_batched, score_frozen_after, score_with_update
-from pipeline.paths import frames_dir
-from pipeline.train import train
-from pipeline.tracking import _client
+from pipeline.errors import UserError
+from pipeline.evaluate import score_batched, score_frozen_after, score_with_update
+from pipeline.paths import frames_dir, run_dir
+from pipeline.run import run
+
+CPU = torch.device("cpu")
 
 
-def weights(path):
-    return torch.load(path, weights_only=False)["model"]
+def params_file(tmp_path, edit=None):
+    """A copy of params.yaml, edited by `edit(raw)`."""
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    if edit:
+        edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
-def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tiny_data, tmp_path):
-    whole = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "whole")
-    cut = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "cut", stop_after_epoch=1)
-    state = torch.load(cut, weights_only=False)
-    assert state["epoch"] == 1 and not (cut.parent / "train_log.csv").exists()
-    resumed = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "cut")
-    assert torch.load(resumed, weights_only=False)["epoch"] == 2
-    log = pd.read_csv(resumed.parent / "train_log.csv")
-    assert log["epoch"].tolist() == [1, 2]
-    a, b = weights(whole), weights(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key  # memory items included: same buffer after the same updates
+def trained_model(variant_name, tiny_data, runs_root, params_path=None):
+    params = load_params(params_path)
+    dataset, variant = params.dataset("tiny"), params.variant(variant_name)
+    frames = frames_dir("tiny", tiny_data)
+    path = run_dir("tiny", variant_name, 0, runs_root) / "checkpoint.pt"
+    return load_trained_model(path, dataset, variant, 0, frames, CPU), variant
 
 
-def test_changed_config_does_not_resume(tiny_data, tmp_path, monkeypatch):
-    path = train("tiny", "ae-recon", 0, data_root=tiny_data, runs_root=tmp_path, stop_after_epoch=1)
-    state = torch.load(path, weights_only=False)
-    state["fingerprint"] = "something-else"
-    torch.save(state, path)
-    train("tiny", "ae-recon", 0, data_root=tiny_data, runs_root=tmp_path)
-    log = pd.read_csv(path.parent / "train_log.csv")
-    assert log["epoch"].tolist() == [1, 2]  # started over: both epochs logged by this run
+def test_an_interrupted_training_resumes_to_the_same_checkpoint_bytes(tiny_data, tmp_path):
+    run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "whole")
+    run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "again")
+    assert run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "cut", stop_after_epoch=1) == {}
+    cut = run_dir("tiny", "mnad-pred", 0, tmp_path / "cut")
+    assert load_checkpoint(cut / "checkpoint.pt")["epoch"] == 1 and not (cut / "metrics.json").exists()
+    run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "cut")
+
+    whole, again = (run_dir("tiny", "mnad-pred", 0, tmp_path / name) for name in ("whole", "again"))
+    checkpoint = (whole / "checkpoint.pt").read_bytes()
+    assert checkpoint == (again / "checkpoint.pt").read_bytes()   # no wall-clock inside: same params, same bytes
+    assert checkpoint == (cut / "checkpoint.pt").read_bytes()     # memory items and optimiser state included
+    assert (whole / "metrics.json").read_text() == (cut / "metrics.json").read_text()
+    assert (whole / "scores.csv").read_text() == (cut / "scores.csv").read_text()
+    log = pd.read_csv(cut / "train_log.csv")
+    assert log["epoch"].tolist() == [1, 2] and log["seconds"].notna().all()  # seconds of both executions kept
+    [mlflow_run] = tracking.client().search_runs(
+        [tracking.client().get_experiment_by_name("tiny").experiment_id],
+        filter_string="tags.variant = 'mnad-pred' and tags.seed = '0'")
+    history = tracking.client().get_metric_history(mlflow_run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]   # the resumed execution's run shows both epochs
+
+
+def test_an_evaluation_only_change_does_not_retrain(tiny_data, tmp_path):
+    first = run("tiny", "mnad-recon", 0, data_root=tiny_data, runs_root=tmp_path)
+    folder = run_dir("tiny", "mnad-recon", 0, tmp_path)
+    before = (folder / "checkpoint.pt").stat().st_mtime_ns, (folder / "checkpoint.pt").read_bytes()
+
+    def new_alpha(raw):
+        raw["variants"]["mnad-recon"]["alpha"] = 0.2
+        raw["evaluate"]["test_time_update"] = "without"
+    second = run("tiny", "mnad-recon", 0, params_path=params_file(tmp_path, new_alpha), data_root=tiny_data,
+                 runs_root=tmp_path)
+    assert ((folder / "checkpoint.pt").stat().st_mtime_ns, (folder / "checkpoint.pt").read_bytes()) == before
+    assert "with_update" in first and "with_update" not in second
+    assert second["without_update"]["auc_micro"] != first["without_update"]["auc_micro"]
+    [mlflow_run] = tracking.client().search_runs(
+        [tracking.client().get_experiment_by_name("tiny").experiment_id],
+        filter_string="tags.variant = 'mnad-recon' and tags.seed = '0'")
+    assert mlflow_run.data.tags["trained_epochs"] == "0" and mlflow_run.data.params["variant.alpha"] == "0.2"
+
+    def new_lr(raw):
+        raw["datasets"]["tiny"]["profile"]["lr"] = 2.0e-3
+    run("tiny", "mnad-recon", 0, params_path=params_file(tmp_path, new_lr), data_root=tiny_data, runs_root=tmp_path)
+    assert (folder / "checkpoint.pt").read_bytes() != before[1]   # a training option retrains from scratch
+
+
+def test_a_checkpoint_of_other_options_is_refused_for_evaluation(tiny_data, tmp_path):
+    run("tiny", "ae-recon", 0, data_root=tiny_data, runs_root=tmp_path)
+
+    def wider(raw):
+        raw["datasets"]["tiny"]["profile"]["width"] = 0.25
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoint.pt does not match params.yaml"):
+        trained_model("ae-recon", tiny_data, tmp_path, params_file(tmp_path, wider))
 
 
 def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, tmp_path):
     results = []
     for attempt in ("a", "b"):
-        root = tmp_path / attempt
-        train("tiny", "mnad-recon", 1, data_root=tiny_data, runs_root=root)
-        evaluate("tiny", "mnad-recon", 1, data_root=tiny_data, runs_root=root)
-        results.append((root / "tiny" / "mnad-recon" / "seed1" / "metrics.json").read_text())
+        run("tiny", "mnad-recon", 1, data_root=tiny_data, runs_root=tmp_path / attempt)
+        results.append((run_dir("tiny", "mnad-recon", 1, tmp_path / attempt) / "metrics.json").read_text())
     assert results[0] == results[1]
     metrics = json.loads(results[0])
-    assert {"without_update", "with_update"} <= set(metrics)
+    assert {"without_update", "with_update"} <= set(metrics) and metrics["headline"] == "with_update"
     assert 0.0 <= metrics["with_update"]["auc_micro"] <= 1.0
-    scores = pd.read_csv(tmp_path / "a" / "tiny" / "mnad-recon" / "seed1" / "scores.csv", keep_default_na=False)
+    scores = pd.read_csv(run_dir("tiny", "mnad-recon", 1, tmp_path / "a") / "scores.csv", keep_default_na=False)
     assert list(scores.columns) == ["video", "frame", "label", "anomaly_type", "psnr", "distance", "score",
                                     "psnr_update", "distance_update", "memory_updated", "score_update"]
     assert len(scores) == metrics["frames"]
     assert metrics["with_update"]["updated_frames"] == scores["memory_updated"].sum()
 
-    client = _client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.variant = 'mnad-recon' and tags.seed = '1'")
-    assert len(runs) == 1  # the second training deleted the first run's stale curves instead of duplicating
-    run = runs[0]
-    assert run.info.run_name == "mnad-recon/seed1"
-    assert "loss" in run.data.metrics and "eval.with_update.auc_micro" in run.data.metrics
-    assert run.data.params["variant.compactness_weight"] == "0.01"
-    assert run.data.tags["dvc_stage"] == "train@tiny-mnad-recon-1" and "torch_version" in run.data.tags
+    assert len(runs) == 1  # the second execution replaced the first's run instead of duplicating it
+    logged = runs[0]
+    assert logged.info.run_name == "mnad-recon/seed1" and logged.info.status == "FINISHED"
+    assert "loss" in logged.data.metrics and "eval.with_update.auc_micro" in logged.data.metrics
+    assert logged.data.metrics["auc_micro"] == metrics["with_update"]["auc_micro"]   # the headline, sortable
+    assert logged.data.params["variant.compactness_weight"] == "0.01" and logged.data.params["variant.task"] == \
+        "reconstruct"
+    assert logged.data.tags["dvc_stage"] == "run@tiny-mnad-recon-1" and "torch_version" in logged.data.tags
 
 
 def test_copy_last_is_evaluated_without_a_checkpoint(tiny_data, tmp_path):
-    metrics = evaluate("tiny", "copy-last", 0, data_root=tiny_data, runs_root=tmp_path)
-    assert "with_update" not in metrics
-    scores = pd.read_csv(tmp_path / "tiny" / "copy-last" / "seed0" / "scores.csv", keep_default_na=False)
+    metrics = run("tiny", "copy-last", 0, data_root=tiny_data, runs_root=tmp_path)
+    assert "with_update" not in metrics and not (run_dir("tiny", "copy-last", 0, tmp_path) / "checkpoint.pt").exists()
+    scores = pd.read_csv(run_dir("tiny", "copy-last", 0, tmp_path) / "scores.csv", keep_default_na=False)
     assert scores["frame"].min() == 4  # prediction never scores a video's first four frames
     assert "distance" not in scores.columns and metrics["without_update"]["auc_micro"] > 0.5
 
 
 def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_path):
-    path = train("tiny", "mnad-recon", 0, data_root=tiny_data, runs_root=tmp_path)
-    model, variant, _ = ckpt.load_model(path)
+    run("tiny", "mnad-recon", 0, data_root=tiny_data, runs_root=tmp_path)
+    model, variant = trained_model("mnad-recon", tiny_data, tmp_path)
     test_set = clip_dataset(frames_dir("tiny", tiny_data), "test", variant)
     # A threshold at the 30th percentile of the frozen point scores: some frames update the memory, most do not.
     inputs, target = split_clip(torch.stack([test_set[i]["clip"] for i in range(len(test_set))]), variant)
     with torch.no_grad():
         scores = point_score(model(inputs).output, target)
-    variant = dataclasses.replace(variant, test_threshold=float(np.quantile(scores.numpy(), 0.3)))
+    variant = variant.model_copy(update={"test_threshold": float(np.quantile(scores.numpy(), 0.3))})
 
     runs = {}
     for chunk in (1, 16):  # a chunk of 1 is MNAD's loop itself: one frame, then its update, then the next frame
         copied = copy.deepcopy(model)
-        runs[chunk] = (score_with_update(copied, test_set, variant, torch.device("cpu"), chunk), copied.memory.items)
+        runs[chunk] = (score_with_update(copied, test_set, variant, CPU, chunk), copied.memory.items)
     (exact, exact_items), (chunked, chunked_items) = runs[1], runs[16]
     assert 0 < exact["memory_updated"].sum() < len(test_set)
     np.testing.assert_array_equal(chunked["memory_updated"], exact["memory_updated"])
@@ -106,29 +154,29 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
     np.testing.assert_allclose(chunked["distance"], exact["distance"], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(chunked_items, exact_items)
     # and without any update it is the batched frozen pass
-    frozen = score_batched(model, test_set, variant, 16, torch.device("cpu"))
-    never = dataclasses.replace(variant, test_threshold=-1.0)
-    chunked = score_with_update(copy.deepcopy(model), test_set, never, torch.device("cpu"), 16)
+    frozen = score_batched(model, test_set, variant, 16, CPU)
+    never = variant.model_copy(update={"test_threshold": -1.0})
+    chunked = score_with_update(copy.deepcopy(model), test_set, never, CPU, 16)
     assert chunked["memory_updated"].sum() == 0
     np.testing.assert_allclose(chunked["psnr"], frozen["psnr"], rtol=1e-6)
 
 
 def test_the_frozen_series_reuses_the_update_pass_up_to_its_first_update(tiny_data, tmp_path):
-    path = train("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path)
-    model, variant, _ = ckpt.load_model(path)
+    run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path)
+    model, variant = trained_model("mnad-pred", tiny_data, tmp_path)
     test_set = clip_dataset(frames_dir("tiny", tiny_data), "test", variant)
-    frozen = score_batched(model, test_set, variant, 16, torch.device("cpu"))
+    frozen = score_batched(model, test_set, variant, 16, CPU)
     first_update = 7
     updated = {"psnr": frozen["psnr"] + 1.0, "distance": frozen["distance"] + 1.0,
                "memory_updated": np.zeros(len(test_set), dtype=np.int8)}
     # No frame updated the memory: everything is reused and nothing is run again.
-    reused = score_frozen_after(None, test_set, variant, 16, torch.device("cpu"), updated)
+    reused = score_frozen_after(None, test_set, variant, 16, CPU, updated)
     np.testing.assert_array_equal(reused["psnr"], updated["psnr"])
     np.testing.assert_array_equal(reused["distance"], updated["distance"])
     # Frame 7 updated it: frames 0-7 (7 included: it was scored before its own update) come from the update pass,
     # the rest from a frozen pass over frames 8 onwards.
     updated["memory_updated"][[first_update, first_update + 5]] = 1
-    mixed = score_frozen_after(model, test_set, variant, 16, torch.device("cpu"), updated)
+    mixed = score_frozen_after(model, test_set, variant, 16, CPU, updated)
     np.testing.assert_array_equal(mixed["psnr"][:first_update + 1], updated["psnr"][:first_update + 1])
     np.testing.assert_allclose(mixed["psnr"][first_update + 1:], frozen["psnr"][first_update + 1:], rtol=1e-6)
     np.testing.assert_allclose(mixed["distance"][first_update + 1:], frozen["distance"][first_update + 1:],
@@ -139,17 +187,14 @@ def test_the_frozen_series_reuses_the_update_pass_up_to_its_first_update(tiny_da
 def test_evaluate_scores_without_update_against_the_trained_memory(tiny_data, tmp_path):
     """A threshold every frame passes: each frame writes into the memory, yet the "without update" columns must be
     those of the memory as trained (the update pass runs first and the memory is put back)."""
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["variants"]["mnad-pred"]["test_threshold"] = 10.0
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    train("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
-    metrics = evaluate("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
-    scores = pd.read_csv(tmp_path / "tiny" / "mnad-pred" / "seed0" / "scores.csv", keep_default_na=False)
+    def threshold(raw):
+        raw["variants"]["mnad-pred"]["test_threshold"] = 10.0
+    params_path = params_file(tmp_path, threshold)
+    metrics = run("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
+    scores = pd.read_csv(run_dir("tiny", "mnad-pred", 0, tmp_path) / "scores.csv", keep_default_na=False)
     assert metrics["with_update"]["updated_frames"] == len(scores)
-    model, variant, _ = ckpt.load_model(tmp_path / "tiny" / "mnad-pred" / "seed0" / "checkpoint.pt")
-    frozen = score_batched(model, clip_dataset(frames_dir("tiny", tiny_data), "test", variant), variant, 16,
-                           torch.device("cpu"))
+    model, variant = trained_model("mnad-pred", tiny_data, tmp_path, params_path)
+    frozen = score_batched(model, clip_dataset(frames_dir("tiny", tiny_data), "test", variant), variant, 16, CPU)
     np.testing.assert_allclose(scores["psnr"], frozen["psnr"], rtol=1e-6)
     np.testing.assert_allclose(scores["distance"], frozen["distance"], rtol=1e-5, atol=1e-7)
     assert scores["psnr"].iloc[0] == scores["psnr_update"].iloc[0]  # the first frame saw the trained memory too
@@ -164,24 +209,19 @@ def test_a_failing_training_marks_its_mlflow_run_failed(tiny_data, tmp_path, mon
 
     monkeypatch.setattr(training, "train_epoch", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        train("tiny", "ae-pred", 2, data_root=tiny_data, runs_root=tmp_path)
-    client = _client()
+        run("tiny", "ae-pred", 2, data_root=tiny_data, runs_root=tmp_path)
+    client = tracking.client()
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.variant = 'ae-pred' and tags.seed = '2'")
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_fewer_clips_per_epoch_than_one_batch_is_a_clear_error(tiny_data, tmp_path):
-    import yaml
-
-    from pipeline.config import DEFAULT_PARAMS
-    from pipeline.errors import UserError
-
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    raw["profiles"]["tiny"].update(max_train_clips=3, batch_size=4)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with pytest.raises(UserError, match=r"3 training clips per epoch \(\d+ in the set, profiles.tiny.max_train_clips 3\), "
-                                        r"fewer than one batch of 4; lower profiles.tiny.batch_size"):
-        train("tiny", "ae-pred", 0, params_path=params, data_root=tiny_data, runs_root=tmp_path / "runs")
+    def too_few(raw):
+        raw["datasets"]["tiny"]["profile"].update(max_train_clips=3, batch_size=4)
+    with pytest.raises(UserError, match=r"3 training clips per epoch \(\d+ in the set, "
+                                        r"datasets.tiny.profile.max_train_clips 3\), fewer than one batch of 4; "
+                                        r"lower datasets.tiny.profile.batch_size"):
+        run("tiny", "ae-pred", 0, params_path=params_file(tmp_path, too_few), data_root=tiny_data,
+            runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # nothing written
