@@ -1,10 +1,12 @@
-"""Paired bootstrap over test videos for differences of frame-level (micro) AUCs.
+"""Two-level paired bootstrap over seeds and test videos for differences of frame-level (micro) AUCs.
 
-A verdict that one variant beats another rests on the interval of the difference of their AUCs, not on two means:
-test videos are resampled with replacement, the SAME resample for every variant involved, and on each resample
-every seed's micro AUC is computed on the frames of the drawn videos (a video drawn twice counts twice), averaged
-over that variant's seeds, and combined into the difference. Videos, not frames, are the resampling unit because
-frames within a video are strongly correlated.
+A verdict that one variant beats another rests on the interval of the difference of their AUCs, not on two means.
+Each resample draws the test videos with replacement, the SAME draw for every variant involved, and the seeds with
+replacement (one draw of seed positions shared by the terms that have as many seeds, so that a variant compared
+with itself, e.g. with against without test-time update, keeps its models paired). Every drawn seed's micro AUC is
+computed on the frames of the drawn videos (a video drawn twice counts twice), averaged over the drawn seeds, and
+combined into the difference. The interval therefore carries both the test set's variance and the training's (seed)
+variance. Videos, not frames, are the resampling unit because frames within a video are strongly correlated.
 
 The AUC of a resample is exact and cheap: for one seed's scores, P[u, v] counts the (normal frame of video u,
 abnormal frame of video v) pairs the score orders correctly (ties count one half). A resample that draws video u
@@ -20,6 +22,8 @@ from typing import Sequence
 import numpy as np
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, NOT_RUN = "holds", "does not hold", "inconclusive", "not run here"
+# Verdicts that stand before any interval: a run it rests on has not learnt; the mechanism compared never fired.
+UNDERTRAINED, NOT_EXERCISED = "undertrained", "not exercised"
 
 
 @dataclass(frozen=True)
@@ -95,24 +99,29 @@ def resampled_auc(seed: SeedScores, video_order: Sequence[str], counts: np.ndarr
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), math.nan)
 
 
-def paired_bootstrap(terms: Sequence[Term], samples: int, seed: int, level: float = 0.95) -> BootstrapResult:
-    """Interval of sum_i sign_i * mean_seeds AUC_i over `samples` paired resamples of the test videos."""
+def paired_bootstrap(terms: Sequence[Term], samples: int, seed: int, level: float = 0.95,
+                     resample_seeds: bool = True) -> BootstrapResult:
+    """Interval of sum_i sign_i * mean_seeds AUC_i over `samples` paired resamples of the test videos and, with
+    `resample_seeds`, of each term's seeds."""
     videos = sorted({str(v) for term in terms for s in term.seeds for v in np.asarray(s.videos)})
     if not videos or any(len(term.seeds) == 0 for term in terms):
         raise ValueError("every term needs at least one seed with scored frames")
     rng = np.random.default_rng(seed)
     resamples = rng.multinomial(len(videos), np.full(len(videos), 1.0 / len(videos)), size=samples).astype(float)
-    everything = np.ones((1, len(videos)))    # the full test set: each video once
+    seed_draws = {n: (rng.integers(0, n, size=(samples, n)) if resample_seeds else np.tile(np.arange(n), (samples, 1)))
+                  for n in sorted({len(term.seeds) for term in terms})}
+    everything = np.ones((1, len(videos)))    # the full test set: each video once, each seed once
 
-    def combine(counts: np.ndarray) -> np.ndarray:
+    def combine(counts: np.ndarray, draws: dict[int, np.ndarray]) -> np.ndarray:
         total = np.zeros(len(counts))
         for term in terms:
-            per_seed = np.stack([resampled_auc(_as_str_videos(s), videos, counts) for s in term.seeds])
-            total = total + term.sign * per_seed.mean(axis=0)
+            per_seed = np.stack([resampled_auc(_as_str_videos(s), videos, counts) for s in term.seeds])  # [S, R]
+            drawn = np.take_along_axis(per_seed, draws[len(term.seeds)].T, axis=0)                     # [S, R]
+            total = total + term.sign * drawn.mean(axis=0)
         return total
 
-    estimate = float(combine(everything)[0])
-    resampled = combine(resamples)
+    estimate = float(combine(everything, {n: np.arange(n)[None] for n in seed_draws})[0])
+    resampled = combine(resamples, seed_draws)
     valid = resampled[~np.isnan(resampled)]
     if math.isnan(estimate) or len(valid) == 0:
         return BootstrapResult(estimate, math.nan, math.nan, int(len(valid)), level)
@@ -127,6 +136,18 @@ def _as_str_videos(seed: SeedScores) -> SeedScores:
 
 
 def difference(a: Sequence[SeedScores], b: Sequence[SeedScores], samples: int, seed: int,
-               level: float = 0.95) -> BootstrapResult:
+               level: float = 0.95, resample_seeds: bool = True) -> BootstrapResult:
     """AUC(a) - AUC(b), each averaged over its seeds, with its paired-bootstrap interval."""
-    return paired_bootstrap([Term(1.0, a), Term(-1.0, b)], samples, seed, level)
+    return paired_bootstrap([Term(1.0, a), Term(-1.0, b)], samples, seed, level, resample_seeds)
+
+
+def band_verdict(low: float, high: float, band: tuple[float, float]) -> str:
+    """A claim that states a size ("about +4 points"): holds when the whole interval lies inside `band`, does not
+    hold when it lies wholly outside, inconclusive when it straddles an edge (or is undefined)."""
+    if math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if band[0] <= low and high <= band[1]:
+        return HOLDS
+    if high < band[0] or low > band[1]:
+        return DOES_NOT_HOLD
+    return INCONCLUSIVE

@@ -11,13 +11,14 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_RUN
+from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.common import SCORE_COLUMNS, mean_std
 from analysis.formatting import figure_links, percent, points, seeds
 from analysis.results import PAPER_DATASETS, Results
 from pipeline.config import Params
 
 NOT_APPLICABLE = "n/a"
+NO_COLLAPSE = "not applicable: no collapse"   # C6 restores what collapsed; nothing did
 COMPLEX_DATASETS = ("synthetic-scenes", "shanghaitech")  # where RC2020 expects the memory to collapse (C5)
 
 # Frame-level AUC (%) as reported: (variant, dataset) -> value.
@@ -47,14 +48,39 @@ Assessor = Callable[[Results, str, str], Assessment]  # (results, dataset, claim
 
 
 def combine(verdicts: list[str]) -> str:
-    """A claim made of several parts: holds if every computed part holds, does not hold if any part does not,
-    inconclusive otherwise; not run here if no part was computed."""
+    """A claim made of several parts: undertrained if any part rests on a run that has not learnt; otherwise, over
+    the parts whose mechanism was exercised, holds if every one holds, does not hold if any does not, inconclusive
+    otherwise; not exercised if no part was; not run here if no part was computed."""
     computed = [v for v in verdicts if v not in (NOT_RUN, NOT_APPLICABLE)]
     if not computed:
         return NOT_RUN
-    if any(v == DOES_NOT_HOLD for v in computed):
+    if UNDERTRAINED in computed:
+        return UNDERTRAINED
+    decided = [v for v in computed if v != NOT_EXERCISED]
+    if not decided:
+        return NOT_EXERCISED
+    if any(v == DOES_NOT_HOLD for v in decided):
         return DOES_NOT_HOLD
-    return HOLDS if all(v == HOLDS for v in computed) else INCONCLUSIVE
+    return HOLDS if all(v == HOLDS for v in decided) else INCONCLUSIVE
+
+
+def gate_check(results: Results, dataset: str, variants) -> Assessment | None:
+    """An "undertrained" assessment naming the runs of `variants` that have not learnt, or None when all have."""
+    failed = results.unlearnt(dataset, variants)
+    if not failed:
+        return None
+    return Assessment([f"rests on runs that have not learnt (learning gate): {', '.join(failed)}"], UNDERTRAINED)
+
+
+def position_coding(usage: pd.DataFrame, threshold: float) -> str:
+    """One line: how much each variant's test-set item choice is set by query position (NMI) rather than content."""
+    parts = []
+    for variant, rows in usage.groupby("variant", sort=False):
+        nmi = rows["position_nmi"]
+        coded = int((nmi >= threshold).sum())
+        parts.append(f"{variant} {_plain_mean_std(nmi, 'NaN (one item)', 2)} ({coded} of {len(rows)} position-coded)")
+    return (f"item set by query position, NMI(position; item) / H(item) (position-coded at ≥ {threshold:g}): "
+            + "; ".join(parts))
 
 
 def dominance(higher: pd.Series, lower: pd.Series) -> str:
@@ -86,8 +112,12 @@ def comparison_lines(results: Results, dataset: str, claim: str) -> tuple[list[s
         if row["verdict"] == NOT_RUN:
             lines.append(f"`{row['comparison']}`{role}: not run here ({row['note']})")
         else:
+            band = (f", rule: inside [{points(row['band_low'])}, {points(row['band_high'])}]"
+                    if pd.notna(row.get("band_low")) else "")
+            note = f"; {row['note']}" if row["note"] else ""
             lines.append(f"`{row['comparison']}`{role}: {points(row['estimate'])} pts, 95% CI "
-                         f"[{points(row['low'])}, {points(row['high'])}] (seeds {row['seeds']}) → {row['verdict']}")
+                         f"[{points(row['low'])}, {points(row['high'])}]{band} (seeds {row['seeds']}) → "
+                         f"{row['verdict']}{note}")
         if row["role"] == "verdict":
             verdicts.append(row["verdict"])
     return lines, verdicts or [NOT_RUN]
@@ -106,44 +136,50 @@ def bootstrap_claim(figures: tuple[tuple[str, str, str], ...] = ()) -> Assessor:
 
 
 def assess_replacement(results: Results, dataset: str, claim: str) -> Assessment:
-    """C4: skip variants' outputs barely change (PSNR to the normal output at least the threshold under every
-    replacement) while a variant without skips changes more."""
-    threshold = results.params.analysis.replacement_unchanged_psnr
+    """C4, per fill and relative: with every fill (zeros, ones, random) of the whole decoder input, a variant with
+    skips keeps its output closer to the normal one (PSNR to the normal output) and loses less AUC (PSNR score) than
+    a variant without skips; every seed of the one beyond every seed of the other."""
     frame = results.analysis_table("replacement", dataset, "replacement.csv")
     if frame is None or frame.empty:
         return Assessment(["replacement not run here (no table, or none of analysis.replacement_variants trained)"],
                           NOT_RUN)
-    replaced = frame[frame["part"] != "none"]
-    lines, extremes = [], []  # (skips, lowest, highest) seed-mean PSNR to the normal output, per variant
-    for variant, rows in replaced.groupby("variant", sort=False):
-        per_setting = rows.groupby(["part", "fill"])["psnr_to_normal"].mean()
-        normal = frame[(frame["variant"] == variant) & (frame["part"] == "none")]["auc_psnr"]
-        skips = bool(rows["skips"].iloc[0])
-        extremes.append((skips, per_setting.min(), per_setting.max()))
-        lines.append(f"{variant} ({'skips' if skips else 'no skips'}, {seeds(rows['seed'].nunique())}): PSNR to the "
-                     f"normal output {per_setting.min():.1f}–{per_setting.max():.1f} dB over {len(per_setting)} "
-                     f"replacements; AUC (PSNR) {percent(normal)} normal, "
-                     f"{100 * rows['auc_psnr'].min():.1f}–{100 * rows['auc_psnr'].max():.1f} replaced")
-    with_skips = [low for skips, low, _ in extremes if skips]
-    without_skips = [high for skips, _, high in extremes if not skips]
-    if not with_skips:
-        verdict = NOT_RUN
-        lines.append("no variant with skips in analysis.replacement_variants ran")
-    else:
-        skip_min, without_max = min(with_skips), max(without_skips, default=None)
-        if skip_min < threshold:
-            verdict = DOES_NOT_HOLD
-        elif without_max is None or skip_min > without_max:
-            verdict = HOLDS
-        else:
-            verdict = INCONCLUSIVE
-        lines.append(f"rule: with skips every replacement ≥ {threshold:g} dB (lowest here {skip_min:.1f})"
-                     + (f" and above every no-skip replacement (highest {without_max:.1f})"
-                        if without_max is not None else ""))
+    undertrained = gate_check(results, dataset, frame["variant"].unique())
+    if undertrained:
+        return undertrained
+    normal = frame[frame["part"] == "none"].set_index(["variant", "seed"])["auc_psnr"]
+    whole = frame[frame["part"] == "both"].copy()
+    whole["auc_drop"] = [normal[v, s] - auc for v, s, auc in zip(whole["variant"], whole["seed"], whole["auc_psnr"])]
+    skipping = [v for v in whole["variant"].unique() if bool(whole[whole["variant"] == v]["skips"].iloc[0])]
+    plain = [v for v in whole["variant"].unique() if v not in skipping]
+    if not skipping or not plain:
+        return Assessment([f"needs a variant with skips and one without among analysis.replacement_variants "
+                           f"(ran: {', '.join(whole['variant'].unique())})"], NOT_RUN)
+    lines, verdicts = [], []
+    for fill in ("zeros", "ones", "random"):
+        rows = whole[whole["fill"] == fill]
+        parts = []
+        for with_skips in skipping:
+            for without in plain:
+                a, b = (rows[rows["variant"] == v] for v in (with_skips, without))
+                closer = dominance(a["psnr_to_normal"], b["psnr_to_normal"])
+                smaller_drop = dominance(b["auc_drop"], a["auc_drop"])
+                verdicts += [closer, smaller_drop]
+                parts.append(f"{with_skips} vs {without}: PSNR to normal {mean_std(a['psnr_to_normal'], 1)} vs "
+                             f"{mean_std(b['psnr_to_normal'], 1)} dB → {closer}; AUC drop "
+                             f"{mean_std(a['auc_drop'], 1, 100)} vs {mean_std(b['auc_drop'], 1, 100)} pts → "
+                             f"{smaller_drop}")
+        lines.append(f"**{fill}**: " + "; ".join(parts))
+    threshold = results.params.analysis.replacement_unchanged_psnr
+    lowest = whole[whole["variant"].isin(skipping)].groupby("fill")["psnr_to_normal"].mean()
+    lines.append(f"context: with skips the seed-mean PSNR to the normal output is "
+                 + ", ".join(f"{fill} {value:.1f}" for fill, value in lowest.items())
+                 + f" dB (\"barely changed\" at ≥ {threshold:g} dB)")
+    lines.append("rule: for each fill of the whole decoder input, every seed of each variant with skips keeps a "
+                 "higher PSNR to its normal output and a smaller AUC drop than every seed of each variant without")
     links = [results.link("replacement", dataset, "psnr_to_normal.png", "PSNR to normal output")]
     links += [results.link("replacement", dataset, f"examples_{v}.png", f"examples {v}")
-              for v in replaced["variant"].unique()]
-    return Assessment(lines + figure_links(links), verdict)
+              for v in whole["variant"].unique()]
+    return Assessment(lines + figure_links(links), combine(verdicts))
 
 
 def collapse_candidates(params: Params) -> list[str]:
@@ -170,37 +206,47 @@ def assess_collapse(results: Results, dataset: str, claim: str) -> Assessment:
              + (": " + ", ".join(f"{r.variant} s{r.seed}" for r in collapsed.itertuples()) if len(collapsed) else ""),
              f"test-set entropy {test['entropy'].mean():.2f} on average (even use: {test['max_entropy'].iloc[0]:.2f}); "
              f"top share {test['top_share'].min():.0%}–{test['top_share'].max():.0%}",
+             position_coding(test, results.params.analysis.position_coded_nmi),
              f"degenerate (constant-score) videos: {nan_videos['without_update']} without update, "
              f"{nan_videos['with_update']} with update, over those runs"]
-    if dataset in COMPLEX_DATASETS:
-        fraction = len(collapsed) / len(test)
-        verdict = HOLDS if fraction > 0.5 else DOES_NOT_HOLD if fraction == 0 else INCONCLUSIVE
-        lines.append("rule: holds when more than half of the runs collapse, does not hold when none does")
-    else:
-        verdict = NOT_APPLICABLE
-        lines.append("simple data: shown for contrast, no verdict")
-    links = [results.link("memory_usage", dataset, "usage.png", "usage histograms")]
-    return Assessment(lines + figure_links(links), verdict)
+    links = figure_links([results.link("memory_usage", dataset, "usage.png", "usage histograms")])
+    if dataset not in COMPLEX_DATASETS:
+        return Assessment(lines + ["simple data: shown for contrast, no verdict"] + links, NOT_APPLICABLE)
+    undertrained = gate_check(results, dataset, test["variant"].unique())
+    if undertrained:
+        return Assessment(undertrained.lines + lines + links, UNDERTRAINED)
+    fraction = len(collapsed) / len(test)
+    verdict = HOLDS if fraction > 0.5 else DOES_NOT_HOLD if fraction == 0 else INCONCLUSIVE
+    lines.append("rule: holds when more than half of the runs collapse, does not hold when none does")
+    return Assessment(lines + links, verdict)
 
 
 def assess_uniform(results: Results, dataset: str, claim: str) -> Assessment:
-    """C6: the uniform loss raises the perplexity of usage (every seed above every seed of mnad-pred) and its AUC
-    is not worse than mnad-pred's (paired bootstrap)."""
+    """C6: where mnad-pred collapsed, the uniform loss raises the perplexity of usage (every seed above every seed
+    of mnad-pred) and its AUC is not worse than mnad-pred's (paired bootstrap). Where nothing collapsed there is
+    nothing to restore: not applicable, with the numbers shown."""
     lines, verdicts = comparison_lines(results, dataset, claim)
     usage = results.analysis_table("memory_usage", dataset, "usage.csv")
-    usage_verdict = NOT_RUN
-    if usage is not None:
-        test = usage[usage["split"] == "test"]
-        uniform = test[test["variant"] == "mnad-pred-uniform"]["perplexity"]
-        plain = test[test["variant"] == "mnad-pred"]["perplexity"]
-        if len(uniform) and len(plain):
-            usage_verdict = dominance(uniform, plain)
-            lines.insert(0, f"usage perplexity (effective items) mnad-pred-uniform {mean_std(uniform, 2)} vs "
-                            f"mnad-pred {mean_std(plain, 2)} (seeds {len(uniform)} / {len(plain)}) → {usage_verdict}")
-    if usage_verdict == NOT_RUN:
-        lines.insert(0, "usage of mnad-pred-uniform vs mnad-pred: not run here")
     links = [results.link("memory_usage", dataset, "pred_vs_uniform.png", "usage pred vs uniform"),
              results.link("comparisons", dataset, "differences.png", "differences")]
+    test = usage[usage["split"] == "test"] if usage is not None else pd.DataFrame()
+    uniform = test[test["variant"] == "mnad-pred-uniform"] if len(test) else test
+    plain = test[test["variant"] == "mnad-pred"] if len(test) else test
+    if not len(uniform) or not len(plain):
+        return Assessment(["usage of mnad-pred-uniform vs mnad-pred: not run here", *lines] + figure_links(links),
+                          NOT_RUN)
+    usage_verdict = dominance(uniform["perplexity"], plain["perplexity"])
+    lines = [f"usage perplexity (effective items) mnad-pred-uniform {mean_std(uniform['perplexity'], 2)} vs "
+             f"mnad-pred {mean_std(plain['perplexity'], 2)} (seeds {len(uniform)} / {len(plain)}) → "
+             f"{usage_verdict}", position_coding(pd.concat([plain, uniform]),
+                                                 results.params.analysis.position_coded_nmi), *lines]
+    if not plain["collapsed"].astype(bool).any():
+        lines.append(f"mnad-pred did not collapse here (top item {plain['top_share'].min():.0%}–"
+                     f"{plain['top_share'].max():.0%} of test queries): there is no collapse to restore")
+        return Assessment(lines + figure_links(links), NO_COLLAPSE)
+    undertrained = gate_check(results, dataset, ("mnad-pred", "mnad-pred-uniform"))
+    if undertrained:
+        return Assessment(undertrained.lines + lines + figure_links(links), UNDERTRAINED)
     return Assessment(lines + figure_links(links), combine([usage_verdict, *verdicts]))
 
 
@@ -215,15 +261,22 @@ def assess_separation(results: Results, dataset: str, claim: str) -> Assessment:
     lines = [f"silhouette (cosine, by nearest item) {v}: {_plain_mean_std(by_variant[v])} "
              f"({seeds(len(by_variant[v]))})" for v in ("mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform")
              if v in by_variant]
-    verdict = dominance(by_variant["mnad-pred"], by_variant["mnad-pred-nosep"])
+    usage = results.analysis_table("memory_usage", dataset, "usage.csv")
+    if usage is not None and not usage.empty:
+        test = usage[(usage["split"] == "test") & usage["variant"].isin(["mnad-pred", "mnad-pred-nosep"])]
+        lines.append(position_coding(test, results.params.analysis.position_coded_nmi))
+    links = figure_links([results.link("tsne", dataset, "tsne.png", "t-SNE")])
+    undertrained = gate_check(results, dataset, ("mnad-pred", "mnad-pred-nosep"))
+    if undertrained:
+        return Assessment(undertrained.lines + lines + links, UNDERTRAINED)
     lines.append("rule: every seed of mnad-pred above every seed of mnad-pred-nosep")
-    return Assessment(lines + figure_links([results.link("tsne", dataset, "tsne.png", "t-SNE")]), verdict)
+    return Assessment(lines + links, dominance(by_variant["mnad-pred"], by_variant["mnad-pred-nosep"]))
 
 
-def _plain_mean_std(values: pd.Series) -> str:
+def _plain_mean_std(values: pd.Series, undefined: str = "NaN (one item used)", digits: int = 3) -> str:
     if values.isna().all():
-        return "NaN (one item used)"
-    return mean_std(values.dropna())
+        return undefined
+    return mean_std(values.dropna(), digits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

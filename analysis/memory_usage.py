@@ -2,8 +2,10 @@
 
 For every memory variant and seed of a dataset: the per-item count of nearest-item assignments over seeded samples
 of test and training windows (analysis.usage_test_windows, usage_train_windows; 0 = all) with the memory frozen,
-as trained, and the usage statistics of pipeline.metrics.usage_stats (entropy, perplexity, items used, top item's
-share, collapse flag).
+as trained, and the usage statistics of pipeline.metrics.UsageAccumulator (entropy, perplexity, items used, top
+item's share, collapse flag), with how much of the item choice is set by the query's position rather than by its
+content (position_nmi, position_variance_share): with skip connections the queries can stop depending on the input,
+and then every position keeps its own item whatever the frame shows.
 
 Writes analysis/tables/memory_usage/<dataset>/{usage.csv, counts.csv} and
 analysis/figures/memory_usage/<dataset>/{usage.png, pred_vs_uniform.png}.
@@ -15,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis import plotting
 from analysis.common import existing_runs, output_dirs, runs_by_variant, seeded_subset
 from analysis.inference import LoadedRun, loaded_run
 from pipeline.config import Params
 from pipeline.io import write_csv
-from pipeline.metrics import usage_stats
+from pipeline.metrics import UsageAccumulator
 
 TOPIC = "memory_usage"
 SPLITS = ("test", "train")
@@ -30,19 +31,25 @@ MOST_ITEMS_DRAWN = 40            # larger memories (MemAE: 2000 items) are drawn
 UNIFORM_COMPARISON = ("mnad-pred", "mnad-pred-uniform")
 
 
-def nearest_item_counts(loaded: LoadedRun, split: str, cap: int, batch_size: int) -> np.ndarray:
-    """Per-item count of queries whose nearest item it is, over `split` (a seeded sample of `cap` windows)."""
+def nearest_item_usage(loaded: LoadedRun, split: str, cap: int, batch_size: int) -> UsageAccumulator:
+    """Which item each query of `split` (a seeded sample of `cap` windows) picks, by query position."""
     dataset = loaded.windows(split)
     indices = seeded_subset(len(dataset), cap, loaded.run.seed)
-    counts = torch.zeros(loaded.variant.memory_items, dtype=torch.long)
+    usage = None
     for _, encoded in loaded.encodings(dataset, indices, batch_size):
-        counts += torch.bincount(encoded.nearest.flatten().cpu(), minlength=loaded.variant.memory_items)
-    return counts.numpy()
+        nearest = encoded.nearest.flatten(1).cpu().numpy()                      # [B, positions]
+        queries = encoded.queries.flatten(2).transpose(1, 2).cpu().numpy()      # [B, positions, C]
+        if usage is None:
+            usage = UsageAccumulator(loaded.variant.memory_items, nearest.shape[1], queries.shape[2])
+        usage.add(nearest, queries)
+    return usage
 
 
-def usage_row(counts: np.ndarray, collapse_share: float) -> dict:
-    """The table's numbers for one histogram: pipeline.metrics.usage_stats plus the even-use ceiling log M."""
-    stats = usage_stats(counts, collapse_share)
+def usage_row(usage: UsageAccumulator, collapse_share: float) -> dict:
+    """The table's numbers for one histogram: the usage statistics, how much position sets them, and the
+    even-use ceiling log M."""
+    counts = usage.counts
+    stats = usage.stats(collapse_share)
     stats["entropy"] += 0.0  # one item used: -(1 log 1) is -0.0, printed "-0.00"
     return {"queries": int(counts.sum()), "items": len(counts), **stats, "max_entropy": math.log(len(counts)),
             "top_item": int(np.argmax(counts))}
@@ -61,18 +68,18 @@ def memory_usage(dataset: str, params: Params, runs_root: Path | None = None, da
         loaded = loaded_run(run, params, data_root)
         for split in SPLITS:
             cap = options.usage_test_windows if split == "test" else options.usage_train_windows
-            counts = nearest_item_counts(loaded, split, cap, params.evaluate.batch_size)
-            histograms[run.variant, run.seed, split] = counts
+            usage = nearest_item_usage(loaded, split, cap, params.evaluate.batch_size)
+            counts = histograms[run.variant, run.seed, split] = usage.counts
             usage_rows.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "split": split,
-                               **usage_row(counts, options.collapse_share)})
+                               **usage_row(usage, options.collapse_share)})
             # only the items some query chose: MemAE's 2000 items would otherwise fill the table with zeros
             total = max(int(counts.sum()), 1)
             count_rows += [{"dataset": dataset, "variant": run.variant, "seed": run.seed, "split": split, "item": i,
                             "count": int(counts[i]), "share": counts[i] / total} for i in np.flatnonzero(counts)]
 
     usage = pd.DataFrame(usage_rows, columns=["dataset", "variant", "seed", "split", "queries", "items", "entropy",
-                                              "perplexity", "items_used", "top_share", "collapsed", "max_entropy",
-                                              "top_item"])
+                                              "perplexity", "items_used", "top_share", "collapsed",
+                                              "position_nmi", "position_variance_share", "max_entropy", "top_item"])
     write_csv(tables / "usage.csv", usage)
     write_csv(tables / "counts.csv", pd.DataFrame(count_rows, columns=["dataset", "variant", "seed", "split", "item",
                                                                        "count", "share"]))

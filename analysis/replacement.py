@@ -42,7 +42,7 @@ def replacements(has_memory: bool) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def replaced_outputs(loaded: LoadedRun, batch_size: int, examples: np.ndarray,
-                     windows: np.ndarray | None = None) -> tuple[dict, dict, np.ndarray]:
+                     windows: np.ndarray | None = None, scale_to_norm: bool = False) -> tuple[dict, dict, np.ndarray]:
     """One pass over the test `windows` (default: all): per (part, fill) the per-window PSNR to the target and to
     the normal output, the example windows' images, and the feature distance of every window (None without a
     memory). Each batch is encoded once and decoded under every replacement."""
@@ -64,7 +64,7 @@ def replaced_outputs(loaded: LoadedRun, batch_size: int, examples: np.ndarray,
         outputs = {NORMAL: normal}
         for setting in settings:
             part, fill = setting
-            output = model.decode(encoded, Replacement(part, fill, generators[setting]))
+            output = model.decode(encoded, Replacement(part, fill, generators[setting], scale_to_norm))
             series[setting]["to_target"].append(psnr(output, target))
             series[setting]["to_normal"].append(psnr(output, normal))
             outputs[setting] = output
@@ -88,7 +88,8 @@ def replacement(dataset: str, params: Params, runs_root: Path | None = None, dat
         windows = loaded.windows("test").windows
         sample = seeded_subset(len(windows), options.replacement_windows, run.seed)
         examples = sample[np.unique(np.linspace(0, len(sample) - 1, options.replacement_examples).round().astype(int))]
-        series, images, distance = replaced_outputs(loaded, params.evaluate.batch_size, examples, sample)
+        series, images, distance = replaced_outputs(loaded, params.evaluate.batch_size, examples, sample,
+                                                    options.replacement_scale_to_norm)
         videos, labels = windows["video"].to_numpy()[sample], windows["label"].to_numpy()[sample]
         for (part, fill), values in series.items():
             psnr_score, _ = normality_score(values["to_target"], videos, loaded.variant.alpha, None, nan_policy)

@@ -12,13 +12,14 @@ A result appears only if the file it comes from exists and belongs to the study 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_RUN
-from analysis.claims import CLAIMS, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment, assess_all
+from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
+from analysis.claims import CLAIMS, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment, assess_all
 from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
@@ -62,23 +63,30 @@ def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]]
     missing = [d for d in results.datasets if d not in params.study.all_datasets]
     if missing:
         lines.append(f"- Not run here: {', '.join(missing)} (not in study.datasets; see docs/datasets.md).")
+    for dataset in params.study.all_datasets:
+        gated = [(variant, seed, m["gate"]) for variant, runs in results.metrics.get(dataset, {}).items()
+                 for seed, m in runs if "gate" in m]
+        failed = [f"{variant} s{seed}" for variant, seed, gate in gated if not gate["learnt"]]
+        if gated:
+            lines.append(f"- **Learning gate, {dataset}**: {len(gated) - len(failed)} of {len(gated)} trained runs "
+                         f"learnt" + (f"; not learnt: {', '.join(failed)}" if failed else "") + ".")
     counts: dict[str, list[str]] = {}
     for claim, per_dataset in assessed.items():
         for dataset, assessment in per_dataset.items():
             if assessment.verdict != NOT_APPLICABLE:
                 counts.setdefault(assessment.verdict, []).append(f"{claim} {dataset}")
+    order = (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, UNDERTRAINED, NOT_EXERCISED, NO_COLLAPSE, NOT_RUN)
     lines.append("- Verdicts over (claim, dataset) pairs: " + "; ".join(
-        f"{verdict}: {len(counts[verdict])}" for verdict in (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, NOT_RUN)
-        if verdict in counts) + ".")
-    for verdict in (HOLDS, DOES_NOT_HOLD):
-        if verdict in counts:
+        f"{verdict}: {len(counts[verdict])}" for verdict in order if verdict in counts) + ".")
+    for verdict in order[:-1]:
+        if verdict in counts and verdict != INCONCLUSIVE:
             lines.append(f"  - {verdict}: {', '.join(counts[verdict])}")
     return "\n".join(lines)
 
 
 def protocol_section(results: Results) -> str:
     params = results.params
-    analysis, evaluate = params.analysis, params.evaluate
+    analysis, evaluate, gate = params.analysis, params.evaluate, params.gate
     rows = []
     for name in study_variants(params):
         v = params.variant(name)
@@ -88,8 +96,9 @@ def protocol_section(results: Results) -> str:
         rows.append([name, v.task, v.memory, "yes" if v.skips else "no", score, f"{v.scored_offset} / {end}",
                      f"{v.test_threshold:g}" if v.memory == "mnad" else "—",
                      v.update_norm if v.memory == "mnad" else "—"])
-    nan_text = ("`safe`: a video whose series is constant normalises to 0 (no evidence either way) and is counted in "
-                "`nan_videos`" if evaluate.nan_policy == "safe" else
+    nan_text = ("`safe`: a video whose series is constant normalises to 0.5, the middle of the range (no evidence "
+                "either way within that video); `nan_videos` counts the videos whose PSNR or feature-distance series "
+                "(or both) is constant" if evaluate.nan_policy == "safe" else
                 "`reference`: a constant series gives 0/0 = NaN as in MNAD's code, and a micro AUC over NaN scores "
                 "is reported as NaN")
     lines = [
@@ -102,21 +111,36 @@ def protocol_section(results: Results) -> str:
         "pooled (the papers' number). *Macro*: the mean of per-video AUCs over videos that hold both classes.",
         f"- **NaN policy** (`evaluate.nan_policy`): {nan_text}.",
         f"- **Test-time memory update** (`evaluate.test_time_update: {evaluate.test_time_update}`): frame by frame in "
-        "video order, a frame whose point score is under the variant's threshold writes its queries into the memory, "
-        "which persists across all test videos (as MNAD). Memory variants are reported with and without it; a "
-        "variant's *headline* scoring, used for verdicts and figures, is with the update where the variant has an MNAD "
-        "memory (as the papers evaluate), without otherwise.",
+        "video order, a frame whose point score is under the threshold writes its queries into the memory, which "
+        "persists across all test videos (as MNAD). The threshold is per dataset (`profile.update_threshold`): "
+        "`paper`, the variant's `test_threshold` (MNAD's 0.01 / 0.015); or `calibrated`, the "
+        f"{evaluate.calibration_quantile:g} quantile of the point scores of {evaluate.calibration_windows} seeded "
+        "training windows under the trained model, so that frames like the training frames pass it. Memory variants "
+        "are reported with and without the update; a variant's *headline* scoring, used for verdicts and figures, is "
+        "with the update where the variant has an MNAD memory (as the papers evaluate), without otherwise. A "
+        "comparison of the update in which no frame updated the memory reads *not exercised*.",
+        f"- **Learning gate** (`gate`): a run counts as learnt when its training loss has plateaued (over the last "
+        f"{gate.plateau_window:.0%} of its logged steps the mean loss improved by less than "
+        f"{gate.plateau_tolerance:.0%} on the {gate.plateau_window:.0%} before) and, on the normal test frames, its "
+        f"mean PSNR beats the trivial output for its task by more than {gate.floor_margin_db:g} dB: copy-last (the "
+        "last input frame) for prediction, the training set's mean frame for reconstruction. A verdict that rests on "
+        "a run that has not learnt reads *undertrained* and names the runs; such a run never decides a claim.",
         "- **Seeds.** Learnt variants: " + ", ".join(str(s) for s in params.study.seeds) +
         f" (mean ± sample std over seeds); `{BASELINE}` is deterministic and evaluated once.",
         f"- **Verdicts.** A claim comparing variants rests on the difference of their micro AUCs with a 95% interval "
-        f"from a paired bootstrap over test videos ({analysis.bootstrap_samples} resamples, seed "
-        f"{analysis.bootstrap_seed}; one resample of the videos is shared by every variant and seed involved, each "
-        "seed's AUC is computed on the resampled videos' frames and averaged over seeds): interval above 0 → holds, "
-        "below 0 → does not hold, straddling 0 → inconclusive. Claims measured per seed without frames (usage "
-        "perplexity, silhouette) hold when every seed of one variant beats every seed of the other. A claim of "
-        "several parts holds when every part holds and does not hold when any part does not. Thresholds: collapse "
-        f"when the top item takes ≥ {analysis.collapse_share:.0%} of the test queries; a replaced output is "
-        f"\"barely changed\" at ≥ {analysis.replacement_unchanged_psnr:g} dB PSNR to the normal output.",
+        f"from a two-level bootstrap ({analysis.bootstrap_samples} resamples, seed {analysis.bootstrap_seed}): each "
+        "resample draws the test videos with replacement (one draw shared by every variant involved) and each "
+        "variant's seeds with replacement, computes each drawn seed's AUC on the drawn videos' frames and averages "
+        "over the drawn seeds, so the interval carries both test-set and seed variance. Interval above 0 → holds, "
+        "below 0 → does not hold, straddling 0 → inconclusive. A claim that states a size is checked against a band: "
+        f"C8's \"about +4 points\" holds when the interval lies inside [{100 * analysis.c8_gain_band[0]:+.0f}, "
+        f"{100 * analysis.c8_gain_band[1]:+.0f}] points, does not hold when it lies outside; C7's \"only\" needs "
+        f"reconstruction's temporal AUC within 0.5 ± {analysis.chance_margin:g}. Claims measured per seed without "
+        "frames (usage perplexity, silhouette, replacement) hold when every seed of one variant beats every seed of "
+        "the other. A claim of several parts holds when every part holds and does not hold when any part does not. "
+        f"Thresholds: collapse when the top item takes ≥ {analysis.collapse_share:.0%} of the test queries; usage is "
+        f"position-coded when position explains ≥ {analysis.position_coded_nmi:.0%} of the item choice "
+        "(NMI(position; item) / H(item)).",
         "",
         table(["variant", "task", "memory", "skips", "normality score", "frames skipped per video (start / end)",
                "update threshold", "update_norm"], rows),
@@ -145,8 +169,6 @@ def known_differences(params: Params) -> list[list[str]]:
     def memae(v):
         return v.family == "memae"
 
-    profile_text = "; ".join(f"{d}: lr {params.dataset(d).profile.lr:g}, batch {params.dataset(d).profile.batch_size}"
-                             for d in params.study.all_datasets)
     recon = [v for v in study_variants(params) if params.variant(v).task == "reconstruct"
              and params.variant(v).family == "mnad" and params.variant(v).has_memory and not params.variant(v).skips]
     recon_weights = ", ".join(f"{v} {params.variant(v).compactness_weight:g}/{params.variant(v).separateness_weight:g}"
@@ -154,7 +176,8 @@ def known_differences(params: Params) -> list[list[str]]:
     return [
         ["MNAD memory-update normaliser", "max over the item's own queries (Eq. 5)", "max over all queries",
          f"`update_norm`: {_values(params, 'update_norm', mnad_memory)}"],
-        ["MNAD reconstruction learning rate", "2e-5", "2e-4", f"profile lr ({profile_text}); `lr` per variant"],
+        ["MNAD reconstruction learning rate", "2e-5", "2e-4", "the dataset profile's lr for every MNAD variant "
+         "(budget table below)"],
         ["MNAD reconstruction loss terms", "compactness, separateness", "unpacked in swapped order (harmless at equal "
          "weights)", f"named terms, weights compactness/separateness: {recon_weights}"],
         ["Reconstruction decoder width", "MNAD decoder", "RC2020's narrower decoder",
@@ -163,14 +186,91 @@ def known_differences(params: Params) -> list[list[str]]:
          f"{params.evaluate.nan_policy}"],
         ["MemAE addressing", "cosine similarity", "dot product",
          f"`addressing`: {_values(params, 'addressing', memae)}"],
-        ["MemAE batch size", "14", "10 (script)", f"profile batch size ({profile_text})"],
+        ["MemAE batch size", "14", "10 (script)", "the dataset profile's, or its `families.memae` (budget table)"],
         ["RC2020 salt-and-pepper input scaling", "—", "noise on [0, 1] then rescaled as 0..255 (inputs near −1)",
          f"`noise_rc2020_scaling`: {_values(params, 'noise_rc2020_scaling', lambda v: v.noise != 'none')}"],
         ["RC2020 uniform-usage loss", "—", "runs at batch size 1 only", "target by position within the frame, any "
          "batch size (always)"],
         ["Alpha of the combined score", "0.6 prediction, 0.7 reconstruction", "RC2020 tuned alpha on the test set",
          "fixed per variant (`alpha`, table above); never tuned on test data"],
+        *budget_differences(params),
     ]
+
+
+# The papers' training settings per model family (MNAD: Park et al.; MemAE: Gong et al.), for the budget tables.
+PAPER_SETTINGS = {"mnad": {"frame_size": 256, "width": 1.0, "epochs": 60, "batch_size": 4, "lr": 2e-4},
+                  "memae": {"frame_size": 256, "width": 1.0, "epochs": 100, "batch_size": 14, "lr": 1e-4}}
+
+
+def study_families(params: Params, dataset: str) -> list[str]:
+    return list(dict.fromkeys(params.variant(v).family for v in params.study.variants_for(dataset)))
+
+
+def budget_differences(params: Params) -> list[list[str]]:
+    """One row per training setting of the study that differs from the papers', per dataset and model family."""
+    rows = []
+    for dataset in params.study.all_datasets:
+        for family in study_families(params, dataset):
+            profile = params.dataset(dataset).profile.for_family(family)
+            paper = dict(PAPER_SETTINGS[family], epochs=10 if dataset == "shanghaitech" and family == "mnad"
+                         else PAPER_SETTINGS[family]["epochs"])
+            for setting, value in paper.items():
+                ours = getattr(profile, setting)
+                if ours != value:
+                    rows.append([f"{'MNAD' if family == 'mnad' else 'MemAE'} {setting.replace('_', ' ')} on "
+                                 f"{dataset}", f"{value:g}", "—", f"{ours:g}"])
+    return rows
+
+
+def budget_section(results: Results) -> str:
+    """Per dataset and model family, what the runs trained with and for how long."""
+    params = results.params
+    rows = []
+    for dataset in params.study.all_datasets:
+        for family in study_families(params, dataset):
+            profile = params.dataset(dataset).profile.for_family(family)
+            steps = sorted({m["training"]["steps"] for variant, runs in results.metrics.get(dataset, {}).items()
+                            for _, m in runs if params.variant(variant).family == family and "training" in m})
+            rows.append([dataset, family, f"{profile.frame_size}", f"{profile.width:g}", str(profile.epochs),
+                         str(profile.max_train_clips or "all"), str(profile.batch_size), f"{profile.lr:g}",
+                         ", ".join(map(str, steps)) or "—"])
+    curve = results.analysis_root / "figures" / "budget" / "learning_curve.png"
+    chosen = ([f"The budget was chosen from measured learning curves (`benchmarks/learning_curve.py`: AUC per "
+               f"anomaly type and training loss against steps, one seed per length): "
+               f"[learning curves]({Path(os.path.relpath(curve, results.report_dir)).as_posix()}), table "
+               f"`analysis/tables/budget/learning_curve.csv`.", ""] if curve.exists() else [])
+    return "\n".join(["## Training budget", "", "What every run of a dataset and model family trained with "
+                      "(params.yaml `datasets.<name>.profile`, with its `families` entry); the papers' settings "
+                      "are in the differences table above.", "", *chosen,
+                      table(["dataset", "family", "frame size", "width", "epochs", "clips per epoch", "batch", "lr",
+                             "steps"], rows)])
+
+
+def runs_section(results: Results) -> str:
+    """Every trained run's learning gate and test-time update."""
+    lines = ["## Runs: learning gate and test-time update", "",
+             "Plateau: the relative improvement of the mean training loss over the last share of the logged steps. "
+             "Floor: the trivial output's PSNR on the normal test frames. Updated frames: test frames whose point "
+             "score passed the threshold and wrote into the memory (0: the update was not exercised).", ""]
+    for dataset in results.params.study.all_datasets:
+        rows = []
+        for variant, runs in results.metrics.get(dataset, {}).items():
+            for seed, m in runs:
+                if "gate" not in m:
+                    continue
+                gate, update = m["gate"], m.get("update_threshold")
+                rows.append([f"`{variant}`", str(seed), str(m.get("training", {}).get("steps", "—")),
+                             f"{100 * gate['relative_improvement']:.1f}% "
+                             f"({'plateaued' if gate['plateaued'] else 'still falling'})",
+                             f"{gate['normal_psnr']:.2f} vs {gate['floor_psnr']:.2f} ({gate['floor']})",
+                             "**yes**" if gate["learnt"] else "**no**",
+                             f"{update['value']:.4g} ({update['mode']})" if update else "—",
+                             str(m["with_update"]["updated_frames"]) if "with_update" in m else "—"])
+        if rows:
+            lines += [f"### {dataset}", "", table(["variant", "seed", "steps", "loss plateau", "normal-frame PSNR vs "
+                                                  "floor (dB)", "learnt", "update threshold", "updated frames"], rows),
+                      ""]
+    return "\n".join(lines)
 
 
 def results_section(results: Results) -> str:
@@ -276,6 +376,8 @@ def write_report(params: Params, runs_root: Path | None = None, analysis_root: P
         "run says \"not run here\"._",
         summary_section(results, assessed),
         protocol_section(results),
+        budget_section(results),
+        runs_section(results),
         results_section(results),
         claims_section(results, assessed),
         comparisons_section(results),

@@ -66,6 +66,12 @@ class Results:
         return [np.nan if (v := m[headline_scoring(m)].get(key)) is None else float(v)
                 for _, m in self.metrics.get(dataset, {}).get(variant, [])]
 
+    def unlearnt(self, dataset: str, variants) -> list[str]:
+        """The runs of `variants` on `dataset` whose learning gate failed, as "variant sS"."""
+        return [f"{variant} s{seed}" for variant in variants
+                for seed, metrics in self.metrics.get(dataset, {}).get(variant, [])
+                if "gate" in metrics and not metrics["gate"]["learnt"]]
+
     def analysis_table(self, topic: str, dataset: str, name: str) -> pd.DataFrame | None:
         """An analysis table restricted to the study's variants and seeds; None when the analysis did not run."""
         path = self.analysis_root / "tables" / topic / dataset / name

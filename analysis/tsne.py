@@ -30,15 +30,15 @@ TOPIC = "tsne"
 VARIANTS = ("mnad-pred", "mnad-pred-nosep", "mnad-pred-uniform")
 
 
-def sample_queries(loaded: LoadedRun, count: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(queries [n, C], nearest item [n]) for a seeded subsample of the test set's queries. Only the windows that
-    hold a chosen query are run through the model."""
+def sample_queries(loaded: LoadedRun, count: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries [n, C], nearest item [n], position in the query map [n]) for a seeded subsample of the test set's
+    queries. Only the windows that hold a chosen query are run through the model."""
     dataset = loaded.windows("test")
     per_window = (loaded.profile.frame_size // 8) ** 2      # MNAD's query map is 1/8 of the frame per side
     chosen = seeded_subset(len(dataset) * per_window, count, loaded.run.seed)
     windows = np.unique(chosen // per_window)
     wanted = {int(w): chosen[chosen // per_window == w] % per_window for w in windows}
-    queries, nearest = [], []
+    queries, nearest, where = [], [], []
     for indices, encoded in loaded.encodings(dataset, windows, batch_size):
         rows = flatten_queries(encoded.queries).cpu().numpy().reshape(len(indices), per_window, -1)
         items = encoded.nearest.cpu().numpy().reshape(len(indices), per_window)
@@ -46,7 +46,8 @@ def sample_queries(loaded: LoadedRun, count: int, batch_size: int) -> tuple[np.n
             positions = wanted[int(window)]
             queries.append(rows[k, positions])
             nearest.append(items[k, positions])
-    return np.concatenate(queries), np.concatenate(nearest)
+            where.append(positions)
+    return np.concatenate(queries), np.concatenate(nearest), np.concatenate(where)
 
 
 def silhouette(queries: np.ndarray, nearest: np.ndarray) -> float:
@@ -73,7 +74,7 @@ def tsne(dataset: str, params: Params, runs_root: Path | None = None, data_root:
     drawn = set()
     for run in runs:
         loaded = loaded_run(run, params, data_root)
-        queries, nearest = sample_queries(loaded, options.tsne_queries, params.evaluate.batch_size)
+        queries, nearest, positions = sample_queries(loaded, options.tsne_queries, params.evaluate.batch_size)
         scores.append({"dataset": dataset, "variant": run.variant, "seed": run.seed, "queries": len(queries),
                        "items_used": len(np.unique(nearest)), "silhouette": silhouette(queries, nearest)})
         if run.variant in drawn:
@@ -84,10 +85,11 @@ def tsne(dataset: str, params: Params, runs_root: Path | None = None, data_root:
         embeddings.append(pd.DataFrame({
             "dataset": dataset, "variant": run.variant, "seed": run.seed,
             "kind": ["query"] * len(queries) + ["item"] * len(items),
-            "item": np.concatenate([nearest, np.arange(len(items))]), "x": points[:, 0], "y": points[:, 1]}))
+            "item": np.concatenate([nearest, np.arange(len(items))]),
+            "position": np.concatenate([positions, np.full(len(items), -1)]), "x": points[:, 0], "y": points[:, 1]}))
 
     silhouettes = pd.DataFrame(scores, columns=["dataset", "variant", "seed", "queries", "items_used", "silhouette"])
-    columns = ["dataset", "variant", "seed", "kind", "item", "x", "y"]
+    columns = ["dataset", "variant", "seed", "kind", "item", "position", "x", "y"]
     embedding = pd.concat(embeddings, ignore_index=True) if embeddings else pd.DataFrame(columns=columns)
     write_csv(tables / "silhouette.csv", silhouettes)
     write_csv(tables / "embedding.csv", embedding.round({"x": 3, "y": 3}))
@@ -99,26 +101,35 @@ def tsne(dataset: str, params: Params, runs_root: Path | None = None, data_root:
 
 
 def tsne_figure(embedding: pd.DataFrame, silhouettes: pd.DataFrame, grouped: dict, path: Path, dataset: str) -> Path:
+    """One column per variant; the top row colours each query by its nearest item (the memory items drawn as
+    stars), the bottom row by its position in the query map: clusters that follow position, not item, mean the
+    queries encode where they are rather than what they see."""
     variants = [v for v in VARIANTS if v in grouped]
-    fig, axes = plotting.figure(1, len(variants), panel=(3.4, 3.4))
-    for ax, variant in zip(axes[0], variants):
+    fig, axes = plotting.figure(2, len(variants), panel=(3.4, 3.4))
+    for column, variant in enumerate(variants):
         points = embedding[embedding["variant"] == variant]
         queries, items = points[points["kind"] == "query"], points[points["kind"] == "item"]
+        by_item, by_position = axes[0, column], axes[1, column]
         cmap = plotting.plt.get_cmap("tab10" if len(items) <= 10 else "tab20")
-        ax.scatter(queries["x"], queries["y"], c=[cmap(i % cmap.N) for i in queries["item"]], s=4, alpha=0.6,
-                   linewidths=0)
-        ax.scatter(items["x"], items["y"], c=[cmap(i % cmap.N) for i in items["item"]], marker="*", s=160,
-                   edgecolors="black", linewidths=0.8, label="memory items")
+        by_item.scatter(queries["x"], queries["y"], c=[cmap(i % cmap.N) for i in queries["item"]], s=4, alpha=0.6,
+                        linewidths=0)
+        by_item.scatter(items["x"], items["y"], c=[cmap(i % cmap.N) for i in items["item"]], marker="*", s=160,
+                        edgecolors="black", linewidths=0.8, label="memory items")
         for _, item in items.iterrows():
-            ax.annotate(str(int(item["item"])), (item["x"], item["y"]), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7)
+            by_item.annotate(str(int(item["item"])), (item["x"], item["y"]), xytext=(4, 4),
+                             textcoords="offset points", fontsize=7)
+        shown = by_position.scatter(queries["x"], queries["y"], c=queries["position"], cmap="viridis", s=4,
+                                    alpha=0.6, linewidths=0)
+        fig.colorbar(shown, ax=by_position, label="position in the query map", shrink=0.8)
         seed = int(points["seed"].iloc[0])
         values = silhouettes[silhouettes["variant"] == variant]["silhouette"]
-        shown = mean_std(values.dropna(), digits=2) if values.notna().any() else "NaN (one item used)"
-        ax.set_title(f"{variant} (seed {seed})\nsilhouette {shown} over {len(values)} seed{'s' * (len(values) > 1)}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(loc="lower right")
-    fig.suptitle(f"{dataset}: t-SNE of test queries, coloured by nearest memory item")
+        text = mean_std(values.dropna(), digits=2) if values.notna().any() else "NaN (one item used)"
+        by_item.set_title(f"{variant} (seed {seed}), by nearest item\nsilhouette {text} over {len(values)} "
+                          f"seed{'s' * (len(values) > 1)}")
+        by_position.set_title(f"{variant}, by query position")
+        by_item.legend(loc="lower right")
+        for ax in (by_item, by_position):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{dataset}: t-SNE of test queries")
     return plotting.save(fig, path)
-

@@ -26,9 +26,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="synthetic", help="the dataset whose profile sets the sizes")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
+    parser.add_argument("--frame-size", type=int, default=None, help="override the profile's frame size")
+    parser.add_argument("--width", type=float, default=None, help="override the profile's width")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(args.params)
     profile = params.dataset(args.dataset).profile
+    profile = profile.model_copy(update={k: v for k, v in (("frame_size", args.frame_size), ("width", args.width))
+                                         if v is not None})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"profile of {args.dataset}: {profile.frame_size}px x{profile.channels}, width {profile.width}, "
           f"batch {profile.batch_size}, device {device}, torch threads {torch.get_num_threads()}")

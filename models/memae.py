@@ -119,8 +119,12 @@ class MemAE(nn.Module):
         encoded = self.encode(x)
         if encoded.read is None:
             return ModelOutput(self.decoder(encoded.queries), queries=encoded.queries)
+        # zero_rows (logged, never weighted): the share of queries whose weights the shrinkage zeroed entirely;
+        # such a query reads nothing and passes no gradient to the encoder or the items.
+        zero_rows = (encoded.weights.detach().sum(dim=1) == 0).float().mean()
         return ModelOutput(self.decoder(encoded.read), queries=encoded.queries, read=encoded.read,
-                           nearest=encoded.nearest, loss_terms={"entropy": addressing_entropy(encoded.weights)})
+                           nearest=encoded.nearest, loss_terms={"entropy": addressing_entropy(encoded.weights),
+                                                                "zero_rows": zero_rows})
 
     def encode(self, x: torch.Tensor) -> MemAEEncoded:
         """Everything before the decoder: the encoder and the memory read (analyses that need only the queries

@@ -113,11 +113,14 @@ class Replacement:
     part: "query" (the encoder's half), "read" (the memory's half) or "both". Without a memory the decoder input is
     the query alone, so "query" and "both" replace all of it and "read" is an error.
     fill: "zeros", "ones" or "random" (standard normal, drawn from `generator` when given).
+    scale_to_norm: rescale a ones or random fill, position by position, to the L2 norm (over channels) of what it
+    replaces: MNAD's queries are unit vectors, so an unscaled fill of ones is sqrt(C) times their size.
     """
 
     part: str = "both"
     fill: str = "zeros"
     generator: torch.Generator | None = None
+    scale_to_norm: bool = False
 
     PARTS = ("query", "read", "both")
     FILLS = ("zeros", "ones", "random")
@@ -146,6 +149,8 @@ class Replacement:
             device = self.generator.device if self.generator is not None else region.device
             fill = torch.randn(region.shape, generator=self.generator, device=device,
                                dtype=region.dtype).to(region.device)
+        if self.scale_to_norm and self.fill != "zeros":
+            fill = fill * (region.norm(dim=1, keepdim=True) / fill.norm(dim=1, keepdim=True).clamp_min(1e-12))
         return torch.cat([decoder_input[:, :start], fill, decoder_input[:, stop:]], dim=1)
 
 

@@ -5,7 +5,7 @@ config, its fingerprint, the per-epoch losses): no wall-clock, so two runs with 
 bytes, and it loads with `torch.load(weights_only=True)`, which runs no code from the file.
 
 The fingerprint hashes exactly what determines the trained weights: the seed, the variant's training options, the
-profile's training options (not num_workers: speed only), the frames (their manifest, written by prepare) and the
+profile's training options (not num_workers, log_steps, update_threshold), the frames (their manifest, written by prepare) and the
 training code. Evaluation-only options (alpha, the update threshold, evaluate.*) are not in it, so changing them
 never retrains.
 """
@@ -25,7 +25,8 @@ from pipeline.io import atomic_path
 
 # The code whose change can change trained weights: the networks and losses, the loop and the clip loader.
 TRAINING_CODE = ("models", "pipeline/train.py", "pipeline/data.py")
-PROFILE_SPEED_ONLY = ("num_workers",)
+# Profile options that do not change the weights: loader processes, logging, how evaluation sets its threshold.
+PROFILE_NOT_TRAINING = ("num_workers", "log_steps", "update_threshold", "families")
 
 
 def code_digest() -> str:
@@ -55,7 +56,8 @@ def data_digest(frames_dir: Path) -> str:
 
 def training_config(dataset: Dataset, variant: Variant, seed: int, frames_dir: Path) -> dict[str, Any]:
     """Everything that determines a run's weights; stored in the checkpoint and logged as MLflow params."""
-    profile = {k: v for k, v in dataset.profile.model_dump().items() if k not in PROFILE_SPEED_ONLY}
+    profile = {k: v for k, v in dataset.training_profile(variant).model_dump().items()
+               if k not in PROFILE_NOT_TRAINING}
     return {"dataset": dataset.name, "seed": seed, "variant": variant.training_options(), "profile": profile,
             "data": data_digest(frames_dir)[:16], "code": code_digest()[:16]}
 
@@ -103,7 +105,7 @@ def load_trained_model(path: Path, dataset: Dataset, variant: Variant, seed: int
 
     state = load_checkpoint(path)
     expected = fingerprint(training_config(dataset, variant, seed, frames_dir))
-    if state.get("fingerprint") != expected or state.get("epoch") != dataset.profile.epochs:
+    if state.get("fingerprint") != expected or state.get("epoch") != dataset.training_profile(variant).epochs:
         raise UserError(f"checkpoint {path} does not match params.yaml (trained with other options, frames or "
                         f"code, or unfinished); rerun its run stage with `dvc repro`")
     model = build_model(variant, dataset.profile)

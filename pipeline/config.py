@@ -65,8 +65,18 @@ Range = Annotated[tuple[StrictInt, StrictInt],
 # Datasets
 
 
+class FamilySettings(Options):
+    """A method's own training settings on one dataset, over the profile's (e.g. MemAE's paper lr and batch)."""
+
+    lr: Positive | None = None
+    batch_size: Count | None = None
+    epochs: Count | None = None
+    max_train_clips: CountOrAll | None = None
+
+
 class Profile(Options):
-    """How one dataset's frames are stored (prepare) and how models are trained on them."""
+    """How one dataset's frames are stored (prepare) and how models are trained on them. `families` gives a model
+    family (mnad, memae) its own lr, batch size, epochs or clips per epoch on this dataset."""
 
     frame_size: Annotated[StrictInt, rule(lambda v: v >= 8 and v % 8 == 0,
                                           "must be a multiple of 8 and at least 8, got {value}")]
@@ -77,6 +87,17 @@ class Profile(Options):
     lr: Positive
     max_train_clips: CountOrAll     # 0 = every clip of the training set each epoch
     num_workers: Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 or more, got {value}")]  # speed only
+    log_steps: Count                # one train_log.csv row per this many steps: logging only
+    # The test-time update threshold: each variant's test_threshold (the papers' values), or a quantile of the
+    # training frames' point scores under the trained model (evaluate.calibration_quantile): scoring only.
+    update_threshold: Literal["paper", "calibrated"]
+    families: dict[Literal["mnad", "memae"], FamilySettings] = {}
+
+    def for_family(self, family: str) -> "Profile":
+        """This profile with `family`'s own settings applied (the one every run of that family trains with)."""
+        own = self.families.get(family)
+        changed = {k: v for k, v in own.model_dump().items() if v is not None} if own else {}
+        return self.model_copy(update={**changed, "families": {}})
 
 
 class SyntheticSource(Options):
@@ -140,6 +161,10 @@ class Dataset(Options):
     def is_synthetic(self) -> bool:
         return self.kind in SYNTHETIC_KINDS
 
+    def training_profile(self, variant: "Variant") -> Profile:
+        """The settings `variant` trains with on this dataset: the profile with its family's own settings."""
+        return self.profile.for_family(variant.family)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Variants
@@ -148,7 +173,7 @@ class Dataset(Options):
 # The options that determine a variant's trained weights; the others (alpha, test_threshold) only score.
 TRAINING_OPTIONS = ("family", "task", "input_frames", "memory", "skips", "decoder", "grayscale", "memory_items",
                     "compactness_weight", "separateness_weight", "uniform_weight", "update_norm", "noise",
-                    "noise_amount", "noise_rc2020_scaling", "entropy_weight", "shrink_threshold", "addressing", "lr")
+                    "noise_amount", "noise_rc2020_scaling", "entropy_weight", "shrink_threshold", "addressing")
 
 
 class Variant(Options):
@@ -173,7 +198,6 @@ class Variant(Options):
     entropy_weight: StrictFloat
     shrink_threshold: StrictFloat
     addressing: Literal["dot", "cosine"]
-    lr: StrictFloat | None
 
     @model_validator(mode="after")
     def _family(self):
@@ -249,31 +273,51 @@ class Evaluate(Options):
     batch_size: Count
     nan_policy: Literal["safe", "reference"]
     test_time_update: Literal["both", "with", "without"]
+    # A calibrated update threshold is this quantile of the point scores of a seeded sample of training windows
+    # (that many windows; the trivial output's mean frame averages as many training frames).
+    calibration_quantile: Annotated[StrictFloat, rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1), got {value}")]
+    calibration_windows: Count
+
+
+class Gate(Options):
+    """The learning gate (pipeline.gate): a run decides claims only when its loss has plateaued and it beats the
+    trivial output for its task on the normal test frames."""
+
+    plateau_window: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 0.5, "must be in (0, 0.5], got {value}")]
+    plateau_tolerance: Positive
+    floor_margin_db: StrictFloat
 
 
 class Analysis(Options):
     tsne_queries: Annotated[StrictInt, at_least(10)]
     tsne_perplexity: Positive
     collapse_share: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 1.0, "must be a share in (0, 1]")]
+    position_coded_nmi: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")]
     usage_test_windows: CountOrAll
     usage_train_windows: CountOrAll
     replacement_variants: tuple[StrictStr, ...]
     replacement_windows: CountOrAll
     replacement_unchanged_psnr: StrictFloat
+    replacement_scale_to_norm: StrictBool   # ones and random fills rescaled to the replaced features' own norm
     replacement_examples: Count
     timeline_videos: Count
     bootstrap_samples: Annotated[StrictInt, rule(lambda v: v >= 100,
                                                  "must be at least 100 for a 95% interval, got {value}")]
     bootstrap_seed: StrictInt
+    # Claims that state a size: C8's "about +4 points" is this band of the (denoising - plain reconstruction) AUC
+    # difference; C7's "only prediction" holds when reconstruction's temporal AUC is within this of chance (0.5).
+    c8_gain_band: Annotated[tuple[StrictFloat, StrictFloat],
+                            rule(lambda v: v[0] < v[1], "must be [low, high] with low < high, got {value}")]
+    chance_margin: Annotated[StrictFloat, rule(lambda v: 0 < v < 0.5, "must be in (0, 0.5), got {value}")]
 
 
 class Params:
     """The whole of params.yaml, validated."""
 
     def __init__(self, study: Study, datasets: Mapping[str, Dataset], variants: Mapping[str, Variant],
-                 evaluate: Evaluate, analysis: Analysis):
+                 evaluate: Evaluate, gate: Gate, analysis: Analysis):
         self.study, self.datasets, self.variants = study, dict(datasets), dict(variants)
-        self.evaluate, self.analysis = evaluate, analysis
+        self.evaluate, self.gate, self.analysis = evaluate, gate, analysis
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -455,12 +499,13 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     _check(len(study.seeds) >= 1, "study.seeds", "list at least one seed")
 
     evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
+    gate = _validate(Gate, _section(raw, "gate"), "gate")
     analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")
     for v in analysis.replacement_variants:
         _check(v in variants and variants[v].family == "mnad", "analysis.replacement_variants",
                f"{v!r} is not an MNAD-family variant (the study replaces MNAD's decoder input); valid: "
                f"{sorted(n for n, x in variants.items() if x.family == 'mnad')}")
-    return Params(study, datasets, variants, evaluate, analysis)
+    return Params(study, datasets, variants, evaluate, gate, analysis)
 
 
 def load_params(path: str | Path | None = None) -> Params:

@@ -2,7 +2,9 @@
 
 Per test frame: PSNR, feature distance (memory variants), MemAE's clip error, and the normality score, both without
 and with test-time memory update for MNAD-memory variants. `evaluate` writes runs/<dataset>/<variant>/seed<S>/
-{scores.csv, roc.csv, metrics.json} and returns the metrics; the run stage (pipeline.run) logs them to MLflow.
+{scores.csv, roc.csv} and returns the metrics; the run stage (pipeline.run) adds the learning gate, writes
+metrics.json and logs them to MLflow. Every frame's scores.csv row also holds `floor_psnr`, the PSNR of the trivial
+output (class Trivial) that the learning gate compares the model with.
 """
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models.clips import split_clip
+from models.mnad import point_score
 from pipeline.config import Evaluate, Variant
 from pipeline.data import ClipDataset, clip_dataset
-from pipeline.io import write_csv, write_json
+from pipeline.io import write_csv
 from pipeline.metrics import headline_scoring, normality_score, regularity_score, roc_points, summarise
-from pipeline.scoring import frame_errors
+from pipeline.scoring import frame_errors, psnr
 
 
 @torch.no_grad()
-def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_size: int,
-                  device) -> dict[str, np.ndarray]:
-    """One pass with the memory frozen: batched, in any order."""
+def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_size: int, device,
+                  trivial: Trivial | None = None) -> dict[str, np.ndarray]:
+    """One pass with the memory frozen: batched, in any order. With `trivial`, also the PSNR of the trivial output
+    ("floor_psnr")."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc="evaluate", leave=False, mininterval=2.0):
@@ -35,13 +39,16 @@ def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_
         series = frame_errors(result.output, target, variant.family)
         if getattr(result, "distance", None) is not None:
             series["distance"] = result.distance.double().cpu().numpy()
+        if trivial is not None:
+            series["floor_psnr"] = psnr(trivial(inputs, target), target)
         for key, value in series.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
 @torch.no_grad()
-def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max_chunk: int) -> dict[str, np.ndarray]:
+def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max_chunk: int,
+                      trivial: Trivial | None = None) -> dict[str, np.ndarray]:
     """MNAD's test loop: frame by frame in video order, each frame is scored with the memory as it stands and then,
     if its point score is under the threshold, written into it. The memory persists across all test videos.
 
@@ -52,6 +59,8 @@ def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max
     updates cost nearly nothing and frequent ones fall back to one frame at a time.
     """
     parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": [], "memory_updated": []}
+    if trivial is not None:
+        parts["floor_psnr"] = []
     start, chunk, loaded = 0, max_chunk, []   # `loaded`: the clips of windows start, start + 1, ... already read
     progress = tqdm(total=len(dataset), desc="evaluate (test-time update)", leave=False, mininterval=2.0)
     while start < len(dataset):
@@ -66,6 +75,8 @@ def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max
         parts["psnr"].append(frame_errors(result.output[:kept], target[:kept], variant.family)["psnr"])
         parts["distance"].append(result.distance[:kept].double().cpu().numpy())
         parts["memory_updated"].append(updated[:kept].numpy().astype(np.int8))
+        if trivial is not None:
+            parts["floor_psnr"].append(psnr(trivial(inputs[:kept], target[:kept]), target[:kept]))
         chunk = min(max_chunk, 2 * kept if hit else 2 * chunk)
         start, loaded = start + kept, loaded[kept:]
         progress.update(kept)
@@ -93,7 +104,7 @@ def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Vari
     """Add the series and the normality score columns to `frame`; returns the degenerate video count."""
     videos = frame["video"].to_numpy()
     for key, value in series.items():
-        frame[key if key == "memory_updated" else key + suffix] = value
+        frame[key if key in ("memory_updated", "floor_psnr") else key + suffix] = value
     if variant.family == "memae":
         score, degenerate = regularity_score(series["error"], videos, nan_policy)
     else:
@@ -102,25 +113,69 @@ def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Vari
     return degenerate
 
 
+class Trivial:
+    """The output of a model that learnt nothing about the frames' content, the learning gate's floor: for
+    prediction the last input frame (copy-last), for reconstruction the training set's mean frame."""
+
+    def __init__(self, variant: Variant, frames: Path, count: int, seed: int, device: torch.device):
+        self.predicts = variant.task == "predict" and variant.family != "memae"
+        self.mean_frame = None
+        if not self.predicts:
+            single = ClipDataset(frames, "train", 1, 0, variant.grayscale)
+            chosen = np.random.default_rng(seed).permutation(len(single))[:count]
+            self.mean_frame = torch.stack([single[int(i)]["clip"][0] for i in chosen]).mean(dim=0).to(device)
+
+    def __call__(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.predicts:
+            return inputs[:, -target.shape[1]:]
+        frame = self.mean_frame if target.dim() == 4 else self.mean_frame[:, None]   # MemAE: [C, T, H, W]
+        return frame.expand_as(target)
+
+
+@torch.no_grad()
+def calibrated_threshold(model, variant: Variant, frames: Path, count: int, quantile: float, seed: int,
+                         batch_size: int, device: torch.device) -> float:
+    """The `quantile` of MNAD's point score over a seeded sample of `count` training windows, memory frozen: a
+    threshold that frames like the training frames pass about that often."""
+    train_set = clip_dataset(frames, "train", variant)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(train_set))[:count])
+    scores = []
+    for batch in DataLoader(Subset(train_set, chosen.tolist()), batch_size=batch_size, shuffle=False):
+        inputs, target = split_clip(batch["clip"], variant)
+        inputs, target = inputs.to(device), target.to(device)
+        scores.append(point_score(model(inputs).output, target).double().cpu().numpy())
+    return float(np.quantile(np.concatenate(scores), quantile))
+
+
 def evaluate(model, variant: Variant, seed: int, frames: Path, out_dir: Path, options: Evaluate,
-             device: torch.device) -> dict:
-    """Score every test frame with `model` (in eval mode on `device`); write scores.csv, roc.csv and
-    metrics.json into out_dir and return the metrics."""
+             update_threshold: str, device: torch.device) -> dict:
+    """Score every test frame with `model` (in eval mode on `device`); write scores.csv and roc.csv into out_dir
+    and return the metrics (the run stage adds the learning gate and writes metrics.json).
+
+    `update_threshold` is the dataset profile's choice for the test-time update: "paper" (the variant's
+    test_threshold) or "calibrated" (evaluate.calibration_quantile of the training windows' point scores)."""
     torch.manual_seed(seed)
     test_set = clip_dataset(frames, "test", variant)
     scores = test_set.windows[["video", "frame", "label", "anomaly_type"]].copy()
+    trivial = Trivial(variant, frames, options.calibration_windows, seed, device)
 
     metrics: dict = {"frames": len(scores), "videos": int(scores["video"].nunique())}
     with_update = variant.memory == "mnad" and options.test_time_update != "without"
     without_update = options.test_time_update != "with" or variant.memory != "mnad"
     if with_update:
+        threshold = variant.test_threshold
+        if update_threshold == "calibrated":
+            threshold = calibrated_threshold(model, variant, frames, options.calibration_windows,
+                                             options.calibration_quantile, seed, options.batch_size, device)
+        metrics["update_threshold"] = {"mode": update_threshold, "value": threshold}
         trained_memory = {key: value.clone() for key, value in model.memory.state_dict().items()}
-        updated = score_with_update(model, test_set, variant, device, options.batch_size)
+        updated = score_with_update(model, test_set, variant.model_copy(update={"test_threshold": threshold}),
+                                    device, options.batch_size, trivial)
         model.memory.load_state_dict(trained_memory)   # the caller's model keeps the memory it was trained with
         if without_update:
             frozen = score_frozen_after(model, test_set, variant, options.batch_size, device, updated)
     elif without_update:
-        frozen = score_batched(model, test_set, variant, options.batch_size, device)
+        frozen = score_batched(model, test_set, variant, options.batch_size, device, trivial)
     if without_update:
         degenerate = add_scores(scores, frozen, variant, options.nan_policy)
         metrics["without_update"] = summarise(scores, "score", degenerate)
@@ -133,9 +188,11 @@ def evaluate(model, variant: Variant, seed: int, frames: Path, out_dir: Path, op
         metrics["with_update"]["updated_frames"] = int(updated["memory_updated"].sum())
 
     metrics["headline"] = headline_scoring(metrics)
-    score_column = "score_update" if metrics["headline"] == "with_update" else "score"
-    roc = roc_points(scores["label"].to_numpy(), scores[score_column].to_numpy())
+    suffix = "_update" if metrics["headline"] == "with_update" else ""
+    normal = scores["label"].to_numpy() == 0
+    metrics["normal_psnr"] = float(scores["psnr" + suffix].to_numpy()[normal].mean())
+    metrics["floor_psnr"] = float(scores["floor_psnr"].to_numpy()[normal].mean())
+    roc = roc_points(scores["label"].to_numpy(), scores["score" + suffix].to_numpy())
     write_csv(out_dir / "scores.csv", scores)
     write_csv(out_dir / "roc.csv", roc)
-    write_json(out_dir / "metrics.json", metrics)
     return metrics

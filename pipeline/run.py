@@ -1,14 +1,20 @@
-"""One run of the study: `python -m pipeline.run --dataset D --variant V --seed S` (the `run@` and `baseline@`
-stages).
+"""The runs of one variant on one dataset: `python -m pipeline.run --dataset D --variant V [--seed S ...]` (the
+`run@` and `baseline@` stages; every seed of study.seeds unless --seed says which).
 
-Trains the variant (a no-op when runs/<dataset>/<variant>/seed<S>/checkpoint.pt is finished and its training
-fingerprint matches: an evaluation-only change never retrains; an interrupted training resumes), then evaluates it.
-Both go into one MLflow run, started afresh by this process (pipeline.tracking), so its duration is this stage's
-work. `copy-last` has nothing to train and is only evaluated.
+Each run (one seed) trains the variant (a no-op when runs/<dataset>/<variant>/seed<S>/checkpoint.pt is finished and
+its training fingerprint matches: an evaluation-only change never retrains; an interrupted training resumes), then
+evaluates it; the learning gate (pipeline.gate) goes into its metrics.json beside the AUCs. Training and evaluation
+go into one MLflow run per seed, started afresh (pipeline.tracking), so its duration is that run's work. `copy-last`
+has nothing to train and is only evaluated. The stage also writes runs/<dataset>/<variant>.metrics.json, every
+seed's metrics in one file: the one DVC declares as metrics and git keeps.
+
+The seeds of a variant share one stage (one process): they always change together, and a stage costs seconds of
+start-up (torch, MLflow) and of DVC's bookkeeping that the seeds then pay once.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -17,27 +23,31 @@ from pipeline import checkpoint, evaluate, tracking, train
 from pipeline.config import load_params
 from pipeline.device import compute_device
 from pipeline.errors import exit_cleanly
+from pipeline.gate import learning_gate
+from pipeline.io import write_json
 from pipeline.paths import frames_dir, run_dir
 
 
 def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
         data_root: Path | None = None, runs_root: Path | None = None, stop_after_epoch: int | None = None) -> dict:
-    """Train and evaluate; returns the metrics (empty when `stop_after_epoch` interrupted the training)."""
+    """One run: train and evaluate one seed; returns its metrics (empty when `stop_after_epoch` interrupted the
+    training)."""
     params = load_params(params_path)
     dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
     frames = frames_dir(dataset_name, data_root)
     out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     device = compute_device()
     with tracking.Run(dataset_name, variant_name, seed) as mlflow_run:
-        mlflow_run.set_tags({**tracking.environment_tags(device.type), "dvc_stage": f"run@{dataset_name}-"
-                             f"{variant_name}-{seed}", "eval.nan_policy": params.evaluate.nan_policy,
+        stage = f"baseline@{dataset_name}" if not variant.trainable else f"run@{dataset_name}-{variant_name}"
+        mlflow_run.set_tags({**tracking.environment_tags(device.type), "dvc_stage": stage,
+                             "eval.nan_policy": params.evaluate.nan_policy,
                              "eval.test_time_update": params.evaluate.test_time_update})
         mlflow_run.log_params({"variant.alpha": variant.alpha, "variant.test_threshold": variant.test_threshold})
         if variant.trainable:
             started = time.perf_counter()
             training = train.train(dataset, variant, seed, frames, out_dir, device,
-                                   on_epoch=lambda row: mlflow_run.log_metrics(
-                                       {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+                                   on_log=lambda row: mlflow_run.log_metrics(
+                                       {k: v for k, v in row.items() if k != "step"}, step=row["step"]),
                                    stop_after_epoch=stop_after_epoch)
             mlflow_run.log_params({**tracking.flatten_params(training.config), "fingerprint": training.fingerprint,
                                    "train_clips": training.train_clips, "parameters": training.parameters})
@@ -46,16 +56,27 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
                 print("training: the finished checkpoint matches; nothing to train")
             mlflow_run.log_metrics({"train_seconds": time.perf_counter() - started})
             mlflow_run.log_artifact(out_dir / "train_log.csv")
-            if len(training.log) < dataset.profile.epochs:   # interrupted (tests): nothing to evaluate yet
+            if training.epochs < dataset.training_profile(variant).epochs:   # interrupted: nothing to evaluate yet
                 mlflow_run.finish("KILLED")
                 return {}
             model = checkpoint.load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
         else:
             model = build_model(variant, dataset.profile).to(device).eval()
         started = time.perf_counter()
-        metrics = evaluate.evaluate(model, variant, seed, frames, out_dir, params.evaluate, device)
+        metrics = evaluate.evaluate(model, variant, seed, frames, out_dir, params.evaluate,
+                                    dataset.profile.update_threshold, device)
+        eval_seconds = time.perf_counter() - started
+        if variant.trainable:
+            options = params.gate
+            metrics["gate"] = learning_gate([row["step"] for row in training.log],
+                                            [row["loss"] for row in training.log], metrics["normal_psnr"],
+                                            metrics["floor_psnr"], variant.task, options.plateau_window,
+                                            options.plateau_tolerance, options.floor_margin_db)
+            metrics["training"] = {"steps": training.log[-1]["step"], "epochs": training.epochs}
+            mlflow_run.set_tags({"learnt": metrics["gate"]["learnt"]})
+        write_json(out_dir / "metrics.json", metrics)
         headline = metrics[metrics["headline"]]
-        mlflow_run.log_metrics({**tracking.flatten(metrics, "eval."), "eval_seconds": time.perf_counter() - started,
+        mlflow_run.log_metrics({**tracking.flatten(metrics, "eval."), "eval_seconds": eval_seconds,
                                 **{key: headline.get(key) for key in ("auc_micro", "auc_macro", "mean_psnr")}})
         mlflow_run.set_tags({"headline_scoring": metrics["headline"]})
         for name in ("scores.csv", "roc.csv", "metrics.json"):
@@ -64,18 +85,37 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
     return metrics
 
 
+def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = None, params_path: Path | None = None,
+              data_root: Path | None = None, runs_root: Path | None = None) -> dict[int, dict]:
+    """Every run of a variant (study.seeds, or `seeds`); removes the folders of seeds the study no longer has and
+    writes the variant's metrics file. Returns the metrics per seed."""
+    params = load_params(params_path)
+    if seeds is None:
+        seeds = list(params.study.seeds) if params.variant(variant_name).trainable else [0]
+    variant_dir = run_dir(dataset_name, variant_name, 0, runs_root).parent
+    for stale in variant_dir.glob("seed*"):   # the output folder persists across executions (its checkpoints do)
+        if stale.name not in {f"seed{s}" for s in seeds}:
+            shutil.rmtree(stale)
+    results = {}
+    for seed in seeds:
+        results[seed] = run(dataset_name, variant_name, seed, params_path, data_root, runs_root)
+        headline = results[seed][results[seed]["headline"]]
+        print(f"{dataset_name} {variant_name} seed {seed}: {results[seed]['headline']} micro AUC "
+              f"{headline['auc_micro']:.4f}" + (f", learnt: {results[seed]['gate']['learnt']}"
+                                               if "gate" in results[seed] else ""))
+    write_json(variant_dir.parent / f"{variant_name}.metrics.json", {f"seed{s}": m for s, m in results.items()})
+    return results
+
+
 @exit_cleanly
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, action="append", help="a seed to run (default: study.seeds)")
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
     args = parser.parse_args(argv)
-    metrics = run(args.dataset, args.variant, args.seed, args.params)
-    print({key: value for key, value in metrics.items() if key in ("frames", "videos", "headline")},
-          {scoring: metrics[scoring].get("auc_micro") for scoring in ("without_update", "with_update")
-           if scoring in metrics})
+    run_seeds(args.dataset, args.variant, args.seed, args.params)
     return 0
 
 

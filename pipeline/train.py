@@ -2,8 +2,10 @@
 
 `train` writes runs/<dataset>/<variant>/seed<S>/{checkpoint.pt, train_log.csv}. The checkpoint is rewritten
 atomically after every epoch; a later call with the same training fingerprint resumes from it and ends with the
-same weights as an uninterrupted run, and a finished one makes the call a no-op. train_log.csv holds the same
-per-epoch losses plus the seconds each epoch took (timings stay out of the checkpoint, so its bytes repeat).
+same weights as an uninterrupted run, and a finished one makes the call a no-op. Every `profile.log_steps` steps
+the loop logs one row: the mean of each loss term over those steps, the learning rate and the memory's usage. The
+checkpoint keeps these rows; train_log.csv holds them plus the seconds each interval took (timings stay out of the
+checkpoint, so its bytes repeat). Loss terms are summed on the device and read once per row, not once per step.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ from pipeline.metrics import usage_stats
 
 @dataclass(frozen=True)
 class Training:
-    """What `train` did: the checkpoint, every epoch's row (losses, lr, memory statistics, seconds where known),
-    how many epochs this call trained (0: the checkpoint was already finished) and the config behind it."""
+    """What `train` did: the checkpoint, every logged row (step, epoch, losses, lr, memory statistics, seconds
+    where known), how many epochs this call trained (0: the checkpoint was already finished) and the config."""
 
     checkpoint: Path
     log: list[dict]
@@ -43,6 +45,7 @@ class Training:
     fingerprint: str
     train_clips: int
     parameters: int
+    epochs: int          # epochs the checkpoint now holds (fewer than the profile's after an interruption)
 
 
 def seed_everything(seed: int) -> None:
@@ -62,10 +65,10 @@ def epoch_order(num_clips: int, max_clips: int, seed: int, epoch: int) -> list[i
 
 
 def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: Path, device: torch.device,
-          on_epoch: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> Training:
-    """Train (or resume, or find finished) the run's model. `on_epoch` receives every epoch's row in order,
-    the ones an earlier call trained first; `stop_after_epoch` simulates an interruption (tests)."""
-    profile = dataset.profile
+          on_log: Callable[[dict], None] | None = None, stop_after_epoch: int | None = None) -> Training:
+    """Train (or resume, or find finished) the run's model. `on_log` receives every logged row in order, the ones
+    an earlier call trained first; `stop_after_epoch` simulates an interruption (tests)."""
+    profile = dataset.training_profile(variant)
     checkpoint_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
     config = ckpt.training_config(dataset, variant, seed, frames)
     fingerprint = ckpt.fingerprint(config)
@@ -79,10 +82,10 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
                         f"{profile.batch_size}; lower {key}.batch_size")
     model = build_model(variant, profile).to(device)
     # foreach: one fused update over all parameters, 15% faster per step on a 2-core CPU than the per-tensor loop
-    optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr or profile.lr, foreach=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=profile.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=profile.epochs)
 
-    start_epoch, log = 0, []
+    start_epoch, log, trained = 0, [], 0
     if checkpoint_path.exists():
         state = ckpt.load_checkpoint(checkpoint_path)
         if state.get("fingerprint") == fingerprint:
@@ -93,58 +96,61 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
             if start_epoch < profile.epochs and state.get("device") != device.type:
                 print(f"note: resuming on {device.type} a training started on {state.get('device')}: "
                       f"its numbers will differ from an uninterrupted run on either")
-    seconds = _earlier_seconds(log_path, start_epoch)
-    rows = [{**row, "seconds": seconds.get(row["epoch"])} for row in log]
+    seconds = _earlier_seconds(log_path, len(log))
+    rows = [{**row, "seconds": seconds.get(row["step"])} for row in log]
     for row in rows:
-        if on_epoch:
-            on_epoch(row)
+        if on_log:
+            on_log(row)
 
-    for epoch in range(start_epoch, profile.epochs):
-        started = time.perf_counter()
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-               **train_epoch(model, optimizer, train_set, variant, profile, seed, epoch, device,
-                             f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")}
-        scheduler.step()
+    def logged(row: dict, seconds: float) -> None:
         log.append(row)
+        rows.append({**row, "seconds": seconds})
+        if on_log:
+            on_log(rows[-1])
+
+    steps_per_epoch = per_epoch // profile.batch_size
+    for epoch in range(start_epoch, profile.epochs):
+        train_epoch(model, optimizer, scheduler.get_last_lr()[0], train_set, variant, profile, seed, epoch, device,
+                    epoch * steps_per_epoch, logged,
+                    f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")
+        scheduler.step()
         ckpt.save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch + 1, "config": config, "fingerprint": fingerprint, "log": log, "device": device.type})
-        rows.append({**row, "seconds": time.perf_counter() - started})
         write_csv(log_path, pd.DataFrame(rows))
-        if on_epoch:
-            on_epoch(rows[-1])
+        trained += 1
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < profile.epochs:
             break
     if not log_path.exists():   # a finished checkpoint from a run whose log went missing: rebuild it
         write_csv(log_path, pd.DataFrame(rows))
-    return Training(checkpoint_path, rows, len(log) - start_epoch, config, fingerprint, len(train_set),
-                    sum(p.numel() for p in model.parameters()))
+    return Training(checkpoint_path, rows, trained, config, fingerprint, len(train_set),
+                    sum(p.numel() for p in model.parameters()), start_epoch + trained)
 
 
-def _earlier_seconds(log_path: Path, epochs: int) -> dict[int, float]:
-    """Seconds per epoch of the first `epochs` epochs, from the log an earlier call wrote (empty if none)."""
-    if not epochs or not log_path.exists():
+def _earlier_seconds(log_path: Path, rows: int) -> dict[int, float]:
+    """Seconds of each of the first `rows` logged steps, from the log an earlier call wrote (empty if none)."""
+    if not rows or not log_path.exists():
         return {}
     earlier = pd.read_csv(log_path)
-    if "seconds" not in earlier.columns:
+    if "seconds" not in earlier.columns or "step" not in earlier.columns:
         return {}
-    return {int(e): float(s) for e, s in zip(earlier["epoch"], earlier["seconds"]) if e <= epochs}
+    return {int(step): float(s) for step, s in zip(earlier["step"][:rows], earlier["seconds"][:rows])}
 
 
-def train_epoch(model, optimizer, train_set, variant, profile, seed: int, epoch: int, device,
-                description: str) -> dict[str, float]:
-    """One epoch over the epoch's seeded draw of clips. Returns the mean of each loss term and, with a memory, the
-    usage statistics of the nearest-item assignments."""
+def train_epoch(model, optimizer, lr: float, train_set, variant, profile, seed: int, epoch: int, device,
+                first_step: int, logged: Callable[[dict, float], None], description: str) -> None:
+    """One epoch over the epoch's seeded draw of clips. Every `profile.log_steps` steps (and at the epoch's end)
+    `logged` receives a row: the step, the epoch, the learning rate, the mean of each loss term over those steps
+    and, with a memory, the usage statistics of their nearest-item assignments; and the seconds they took."""
     loader = DataLoader(torch.utils.data.Subset(train_set, epoch_order(len(train_set), profile.max_train_clips,
                                                                        seed, epoch)),
                         batch_size=profile.batch_size, shuffle=False, drop_last=True,
                         num_workers=profile.num_workers, pin_memory=device.type == "cuda")
     noise_generator = epoch_generator(seed, epoch)
     model.train()
-    sums: dict[str, float] = {}
-    usage = None
-    batches = 0
-    for batch in tqdm(loader, desc=description, leave=False, mininterval=2.0):
+    sums: dict[str, torch.Tensor] = {}
+    usage, steps, started = None, 0, time.perf_counter()
+    for index, batch in enumerate(tqdm(loader, desc=description, leave=False, mininterval=2.0)):
         inputs, target = split_clip(batch["clip"], variant)
         if variant.noise == "salt_pepper":  # denoising: noisy input, clean target
             inputs = salt_and_pepper(inputs, variant.noise_amount, noise_generator, variant.noise_rc2020_scaling)
@@ -155,12 +161,15 @@ def train_epoch(model, optimizer, train_set, variant, profile, seed: int, epoch:
         loss.backward()
         optimizer.step()
         for name, value in {"loss": loss, **terms}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach() if name in sums else value.detach()
         if result.nearest is not None:
-            counts = torch.bincount(result.nearest.flatten(), minlength=variant.memory_items).cpu()
+            counts = torch.bincount(result.nearest.flatten(), minlength=variant.memory_items)
             usage = counts if usage is None else usage + counts
-        batches += 1
-    means = {k: v / batches for k, v in sums.items()}
-    if usage is not None:
-        means.update({f"memory_{k}": v for k, v in usage_stats(usage.numpy()).items()})
-    return means
+        steps += 1
+        if steps == profile.log_steps or index == len(loader) - 1:
+            row = {"step": first_step + index + 1, "epoch": epoch + 1, "lr": lr,
+                   **{name: float(total) / steps for name, total in sums.items()}}
+            if usage is not None:
+                row.update({f"memory_{k}": v for k, v in usage_stats(usage.cpu().numpy()).items()})
+            logged(row, time.perf_counter() - started)
+            sums, usage, steps, started = {}, None, 0, time.perf_counter()

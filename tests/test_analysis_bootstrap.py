@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from analysis.bootstrap import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, SeedScores, Term, difference, interval_verdict,
-                                paired_bootstrap, resampled_auc)
+from analysis.bootstrap import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, SeedScores, Term, band_verdict, difference,
+                                interval_verdict, paired_bootstrap, resampled_auc)
 
 VIDEOS = [f"{v:02d}" for v in range(10)]
 
@@ -82,3 +82,31 @@ def test_two_thousand_resamples_over_ten_videos_and_three_seeds_take_seconds():
     result = difference(a, b, samples=2000, seed=0)
     assert time.perf_counter() - started < 5.0
     assert result.samples == 2000
+
+
+def test_seed_variance_widens_the_interval():
+    """Three seeds that disagree (AUC about 0.6, 0.75, 0.95) but each on the same videos: resampling the seeds must
+    widen the interval of the difference to a steady floor; with identical seeds it must not."""
+    disagreeing = [crafted_seed(separation, s) for s, separation in enumerate((0.35, 0.95, 2.4))]
+    floor = [crafted_seed(0.0, 50)]
+    videos_only = difference(disagreeing, floor, 1000, 0, resample_seeds=False)
+    both = difference(disagreeing, floor, 1000, 0)
+    assert both.estimate == videos_only.estimate
+    assert (both.high - both.low) > 1.5 * (videos_only.high - videos_only.low)
+    agreeing = [crafted_seed(0.95, 0)] * 3
+    same_models = difference(agreeing, floor, 1000, 0), difference(agreeing, floor, 1000, 0, resample_seeds=False)
+    assert same_models[0].high - same_models[0].low == pytest.approx(same_models[1].high - same_models[1].low)
+
+
+def test_a_variant_against_itself_keeps_its_seeds_paired():
+    """With against without test-time update: the same models on both sides; a shared seed draw gives exactly 0."""
+    seeds = [crafted_seed(separation, s) for s, separation in enumerate((0.3, 1.0, 2.0))]
+    result = difference(seeds, seeds, 500, 0)
+    assert result.low == result.high == 0
+
+
+def test_a_stated_size_is_checked_against_a_band():
+    band = (0.01, 0.07)   # "about +4 points"
+    assert band_verdict(0.02, 0.06, band) == HOLDS
+    assert band_verdict(0.08, 0.12, band) == DOES_NOT_HOLD and band_verdict(-0.05, 0.0, band) == DOES_NOT_HOLD
+    assert band_verdict(0.0, 0.05, band) == INCONCLUSIVE and band_verdict(float("nan"), 0.05, band) == INCONCLUSIVE

@@ -20,7 +20,7 @@ from models.clips import split_clip
 from pipeline.checkpoint import fingerprint, save_checkpoint, training_config
 from pipeline.config import DEFAULT_PARAMS, REPO_ROOT, load_params
 from pipeline.data import clip_dataset
-from pipeline.metrics import roc_points, summarise
+from pipeline.metrics import UsageAccumulator, roc_points, summarise
 from pipeline.paths import frames_dir, run_dir
 from pipeline.scoring import psnr
 
@@ -140,10 +140,15 @@ def test_memory_usage_writes_histograms_and_a_row_per_run_and_split(study):
 
 
 def test_usage_numbers_on_crafted_counts():
-    collapsed = memory_usage.usage_row(np.array([0, 0, 57, 0, 0]), collapse_share=0.9)
+    def usage(counts):
+        accumulator = UsageAccumulator(len(counts), 1, 2)
+        accumulator.add(np.repeat(np.arange(len(counts)), counts)[:, None], np.zeros((int(sum(counts)), 1, 2)))
+        return accumulator
+
+    collapsed = memory_usage.usage_row(usage(np.array([0, 0, 57, 0, 0])), collapse_share=0.9)
     assert collapsed["entropy"] == 0.0 and collapsed["items_used"] == 1 and collapsed["collapsed"] == 1
     assert collapsed["top_item"] == 2 and collapsed["top_share"] == 1.0
-    even = memory_usage.usage_row(np.full(10, 7), collapse_share=0.9)
+    even = memory_usage.usage_row(usage(np.full(10, 7)), collapse_share=0.9)
     assert math.isclose(even["entropy"], math.log(10)) and math.isclose(even["entropy"], even["max_entropy"])
     assert math.isclose(even["perplexity"], 10) and even["items_used"] == 10 and even["collapsed"] == 0
 

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.metrics import (auc, auc_by_type, macro_auc, minmax_per_video, normality_score, psnr_from_mse,
-                              regularity_score, summarise, usage_stats)
+from pipeline.metrics import (UsageAccumulator, auc, auc_by_type, macro_auc, minmax_per_video, normality_score,
+                              position_nmi, psnr_from_mse, regularity_score, summarise, usage_stats)
 
 
 def test_psnr_by_hand():
@@ -18,9 +18,18 @@ def test_minmax_per_video_and_degenerate_videos():
     values = np.array([1.0, 3.0, 2.0, 5.0, 5.0])
     videos = np.array(["a", "a", "a", "b", "b"])
     safe, degenerate = minmax_per_video(values, videos, "safe")
-    assert safe.tolist() == [0.0, 1.0, 0.5, 0.0, 0.0] and degenerate == 1
+    assert safe.tolist() == [0.0, 1.0, 0.5, 0.5, 0.5] and degenerate == {"b"}  # the middle: no evidence either way
     reference, degenerate = minmax_per_video(values, videos, "reference")
-    assert reference[:3].tolist() == [0.0, 1.0, 0.5] and np.isnan(reference[3:]).all() and degenerate == 1
+    assert reference[:3].tolist() == [0.0, 1.0, 0.5] and np.isnan(reference[3:]).all() and degenerate == {"b"}
+
+
+def test_degenerate_videos_are_the_union_of_the_psnr_and_distance_ones():
+    videos = np.array(["a", "a", "b", "b", "c", "c"])
+    psnr = np.array([20.0, 20.0, 21.0, 22.0, 25.0, 25.0])       # a and c constant
+    distance = np.array([0.1, 0.2, 0.3, 0.3, 0.4, 0.4])         # b and c constant
+    score, degenerate = normality_score(psnr, videos, alpha=0.6, distance=distance)
+    assert degenerate == 3   # a, b, c: the union, not max(2, 2)
+    assert score[4:].tolist() == pytest.approx([0.6 * 0.5 + 0.4 * 0.5] * 2)
 
 
 def test_combined_score_by_hand():
@@ -74,3 +83,46 @@ def test_usage_stats_collapse_and_even():
     even = usage_stats(np.array([5, 5, 5, 5]))
     assert even["entropy"] == pytest.approx(math.log(4)) and even["perplexity"] == pytest.approx(4.0)
     assert even["items_used"] == 4 and even["collapsed"] == 0
+
+
+def test_position_nmi_is_one_for_position_coded_usage_and_near_zero_for_content_coded():
+    rng = np.random.default_rng(0)
+    windows, positions, items, dim = 400, 16, 10, 4
+    position_coded = np.tile(np.arange(positions) % items, (windows, 1))        # each position its own item
+    content_coded = rng.integers(0, items, size=(windows, positions))            # the item follows the frame
+    queries = rng.normal(size=(windows, positions, dim))
+    for nearest, expected in ((position_coded, 1.0), (content_coded, 0.0)):
+        accumulator = UsageAccumulator(items, positions, dim)
+        for start in range(0, windows, 64):   # in batches, as the analyses feed it
+            accumulator.add(nearest[start:start + 64], queries[start:start + 64])
+        assert accumulator.stats()["position_nmi"] == pytest.approx(expected, abs=0.03)
+    assert math.isnan(position_nmi(np.array([[5, 0], [7, 0]])))   # one item takes every query: undefined
+
+
+def test_position_nmi_by_hand():
+    # two positions, two items: position 0 picks item 0 three times and item 1 once; position 1 picks item 1 always
+    joint = np.array([[3, 1], [0, 4]])
+    p = joint / 8
+    h_item = -(0.375 * math.log(0.375) + 0.625 * math.log(0.625))
+    mutual = sum(p[i, j] * math.log(p[i, j] / (p[i].sum() * p[:, j].sum())) for i in range(2) for j in range(2)
+                 if joint[i, j])
+    assert position_nmi(joint) == pytest.approx(mutual / h_item)
+
+
+def test_position_variance_share():
+    rng = np.random.default_rng(1)
+    windows, positions, dim = 300, 9, 3
+    by_position = np.broadcast_to(rng.normal(size=(1, positions, dim)) * 5, (windows, positions, dim))
+    noise = rng.normal(size=(windows, positions, dim))
+    shares = {}
+    for name, queries in (("position only", by_position), ("noise only", noise), ("half", by_position / 5 + noise)):
+        accumulator = UsageAccumulator(2, positions, dim)
+        accumulator.add(np.zeros((windows, positions), dtype=np.int64), queries)
+        shares[name] = accumulator.stats()["position_variance_share"]
+    assert shares["position only"] == pytest.approx(1.0)
+    assert shares["noise only"] == pytest.approx(0.0, abs=0.02)
+    # by hand: the between-position variance over the total
+    half = by_position / 5 + noise
+    flat = half.reshape(-1, dim)
+    between = ((half.mean(axis=0) - flat.mean(axis=0)) ** 2).sum() * windows
+    assert shares["half"] == pytest.approx(between / ((flat - flat.mean(axis=0)) ** 2).sum())

@@ -64,3 +64,19 @@ def test_items_init_and_options():
     assert memory.items.abs().max() > 0.9 / 16          # spread over the whole range, not a narrow init
     with pytest.raises(ValueError, match="euclid"):
         MemAEMemory(10, 4, addressing="euclid")
+
+
+def test_the_share_of_queries_the_shrinkage_zeroes_is_logged():
+    """With 2000 near-uniform weights (each about 1/2000) and a threshold of 5/2000, every row shrinks to zero."""
+    from models.memae import MemAE
+
+    torch.manual_seed(0)
+    model = MemAE(1, clip_length=8, width=0.125, memory_items=2000, shrink_threshold=0.0025).eval()
+    with torch.no_grad():
+        model.memory.items.mul_(1e-3)   # near-zero logits: every weight close to 1/2000
+        result = model(torch.rand(1, 1, 8, 32, 32))
+    assert result.loss_terms["zero_rows"].item() == 1.0
+    assert torch.count_nonzero(result.read) == 0   # a zeroed row reads nothing
+    model.memory.shrink_threshold = 0.0001
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 8, 32, 32)).loss_terms["zero_rows"].item() == 0.0

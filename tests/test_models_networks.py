@@ -52,7 +52,7 @@ def test_every_variant_runs_at_two_sizes_and_widths(name, size, width):
     if variant.family == "memae":
         assert inputs.shape == (2, 1, 16, size, size)
         assert result.nearest.shape == (2, 2, size // 16, size // 16)
-        assert set(terms) == {"mse", "entropy"}
+        assert set(terms) == {"mse", "entropy", "zero_rows"}
 
 
 def test_colour_channels_and_stacking():
@@ -325,3 +325,15 @@ def test_memory_survives_a_state_dict_round_trip():
     assert not torch.equal(restored.memory.items, model.memory.items)
     restored.load_state_dict(model.state_dict())
     assert torch.equal(restored.memory.items, model.memory.items)
+
+
+@pytest.mark.parametrize("fill", ["ones", "random"])
+def test_a_fill_scaled_to_the_features_norm_keeps_each_positions_norm(fill):
+    decoder_input = torch.randn(2, 12, 4, 4) * torch.linspace(0.1, 3.0, 12)[None, :, None, None]
+    scaled = Replacement("query", fill, torch.Generator().manual_seed(1), scale_to_norm=True)(decoder_input, 5)
+    torch.testing.assert_close(scaled[:, :5].norm(dim=1), decoder_input[:, :5].norm(dim=1))
+    assert torch.equal(scaled[:, 5:], decoder_input[:, 5:])   # the read is untouched
+    if fill == "ones":   # every channel equal, at the norm of what it replaced
+        torch.testing.assert_close(scaled[:, :5], scaled[:, :1].expand(-1, 5, -1, -1))
+    unscaled = Replacement("query", "ones")(decoder_input, 5)
+    assert torch.all(unscaled[:, :5] == 1)

@@ -18,7 +18,7 @@ from pipeline.data import clip_dataset
 from pipeline.errors import UserError
 from pipeline.evaluate import score_batched, score_frozen_after, score_with_update
 from pipeline.paths import frames_dir, run_dir
-from pipeline.run import run
+from pipeline.run import run, run_seeds
 
 CPU = torch.device("cpu")
 
@@ -56,12 +56,13 @@ def test_an_interrupted_training_resumes_to_the_same_checkpoint_bytes(tiny_data,
     assert (whole / "metrics.json").read_text() == (cut / "metrics.json").read_text()
     assert (whole / "scores.csv").read_text() == (cut / "scores.csv").read_text()
     log = pd.read_csv(cut / "train_log.csv")
-    assert log["epoch"].tolist() == [1, 2] and log["seconds"].notna().all()  # seconds of both executions kept
+    assert log["step"].tolist() == list(range(1, 9)) and log["epoch"].tolist() == [1] * 4 + [2] * 4  # a row a step
+    assert log["seconds"].notna().all()  # the seconds of both executions kept
     [mlflow_run] = tracking.client().search_runs(
         [tracking.client().get_experiment_by_name("tiny").experiment_id],
         filter_string="tags.variant = 'mnad-pred' and tags.seed = '0'")
     history = tracking.client().get_metric_history(mlflow_run.info.run_id, "loss")
-    assert sorted(m.step for m in history) == [1, 2]   # the resumed execution's run shows both epochs
+    assert sorted(m.step for m in history) == list(range(1, 9))   # the resumed execution's run shows every step
 
 
 def test_an_evaluation_only_change_does_not_retrain(tiny_data, tmp_path):
@@ -108,9 +109,15 @@ def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, t
     assert 0.0 <= metrics["with_update"]["auc_micro"] <= 1.0
     scores = pd.read_csv(run_dir("tiny", "mnad-recon", 1, tmp_path / "a") / "scores.csv", keep_default_na=False)
     assert list(scores.columns) == ["video", "frame", "label", "anomaly_type", "psnr", "distance", "score",
-                                    "psnr_update", "distance_update", "memory_updated", "score_update"]
+                                    "psnr_update", "distance_update", "memory_updated", "floor_psnr", "score_update"]
     assert len(scores) == metrics["frames"]
-    assert metrics["with_update"]["updated_frames"] == scores["memory_updated"].sum()
+    assert metrics["with_update"]["updated_frames"] == scores["memory_updated"].sum() > 0   # calibrated: it fires
+    assert metrics["update_threshold"]["mode"] == "calibrated"
+    normal = scores["label"] == 0
+    assert metrics["normal_psnr"] == pytest.approx(scores["psnr_update"][normal].mean())
+    assert metrics["floor_psnr"] == pytest.approx(scores["floor_psnr"][normal].mean())
+    gate = metrics["gate"]
+    assert gate["floor"] == "training mean frame" and gate["learnt"] == (gate["plateaued"] and gate["beats_floor"])
 
     client = tracking.client()
     experiment = client.get_experiment_by_name("tiny")
@@ -122,7 +129,22 @@ def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, t
     assert logged.data.metrics["auc_micro"] == metrics["with_update"]["auc_micro"]   # the headline, sortable
     assert logged.data.params["variant.compactness_weight"] == "0.01" and logged.data.params["variant.task"] == \
         "reconstruct"
-    assert logged.data.tags["dvc_stage"] == "run@tiny-mnad-recon-1" and "torch_version" in logged.data.tags
+    assert logged.data.tags["dvc_stage"] == "run@tiny-mnad-recon" and "torch_version" in logged.data.tags
+
+
+def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_seeds(tiny_data, tmp_path):
+    stale = run_dir("tiny", "ae-pred", 7, tmp_path)
+    stale.mkdir(parents=True)
+    (stale / "metrics.json").write_text("{}")
+    results = run_seeds("tiny", "ae-pred", [0, 1], data_root=tiny_data, runs_root=tmp_path)
+    assert sorted(results) == [0, 1] and not stale.exists()
+    tracked = json.loads((tmp_path / "tiny" / "ae-pred.metrics.json").read_text())
+    assert tracked == {f"seed{s}": json.loads((run_dir("tiny", "ae-pred", s, tmp_path) / "metrics.json").read_text())
+                       for s in (0, 1)}
+    # a seed trained in the same process as another equals one trained alone
+    run("tiny", "ae-pred", 1, data_root=tiny_data, runs_root=tmp_path / "alone")
+    assert (run_dir("tiny", "ae-pred", 1, tmp_path) / "checkpoint.pt").read_bytes() == \
+        (run_dir("tiny", "ae-pred", 1, tmp_path / "alone") / "checkpoint.pt").read_bytes()
 
 
 def test_copy_last_is_evaluated_without_a_checkpoint(tiny_data, tmp_path):
@@ -189,6 +211,7 @@ def test_evaluate_scores_without_update_against_the_trained_memory(tiny_data, tm
     those of the memory as trained (the update pass runs first and the memory is put back)."""
     def threshold(raw):
         raw["variants"]["mnad-pred"]["test_threshold"] = 10.0
+        raw["datasets"]["tiny"]["profile"]["update_threshold"] = "paper"
     params_path = params_file(tmp_path, threshold)
     metrics = run("tiny", "mnad-pred", 0, params_path=params_path, data_root=tiny_data, runs_root=tmp_path)
     scores = pd.read_csv(run_dir("tiny", "mnad-pred", 0, tmp_path) / "scores.csv", keep_default_na=False)

@@ -1,0 +1,81 @@
+"""The learning gate on crafted runs, the trivial outputs it compares with, and the calibrated update threshold."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.clips import split_clip
+from models.mnad import point_score
+from models.output import ModelOutput
+from pipeline.config import load_params
+from pipeline.data import clip_dataset
+from pipeline.evaluate import Trivial, calibrated_threshold
+from pipeline.gate import learning_gate, relative_improvement
+from pipeline.paths import frames_dir
+
+GATE = {"window": 0.2, "tolerance": 0.05, "margin_db": 0.0}
+STEPS = np.arange(1, 101)
+
+
+def test_relative_improvement_compares_the_last_fifth_with_the_fifth_before():
+    losses = np.where(STEPS > 80, 1.0, np.where(STEPS > 60, 2.0, 9.0))
+    assert relative_improvement(STEPS, losses, 0.2) == pytest.approx((2.0 - 1.0) / 2.0)
+    assert math.isnan(relative_improvement(np.array([5]), np.array([1.0]), 0.2))   # one row: no fifth before
+
+
+@pytest.mark.parametrize("losses, normal_psnr, plateaued, beats", [
+    (1.0 + 1.0 / STEPS, 25.0, True, True),            # flat at the end, well above the floor
+    (1.0 + 1.0 / STEPS, 19.0, True, False),           # flat, but no better than copying the last frame
+    (np.exp(-STEPS / 30), 25.0, False, True),         # still falling fast: undertrained
+    (np.exp(-STEPS / 30), 18.0, False, False),
+])
+def test_the_gate_on_crafted_runs(losses, normal_psnr, plateaued, beats):
+    gate = learning_gate(STEPS, losses, normal_psnr, floor_psnr=20.0, task="predict", **GATE)
+    assert (gate["plateaued"], gate["beats_floor"], gate["learnt"]) == (plateaued, beats, plateaued and beats)
+    assert gate["floor"] == "copy-last"
+
+
+def test_the_floor_margin_is_strict():
+    flat = np.ones(100)
+    assert not learning_gate(STEPS, flat, 20.5, 20.0, "reconstruct", 0.2, 0.05, margin_db=1.0)["beats_floor"]
+    assert learning_gate(STEPS, flat, 21.5, 20.0, "reconstruct", 0.2, 0.05, margin_db=1.0)["learnt"]
+
+
+def test_the_trivial_outputs_are_copy_last_and_the_training_mean_frame(tiny_data):
+    params = load_params()
+    frames = frames_dir("tiny", tiny_data)
+    cpu = torch.device("cpu")
+    pred, recon, memae = (params.variant(v) for v in ("mnad-pred", "mnad-recon", "memae"))
+    clips = torch.stack([clip_dataset(frames, "test", pred)[i]["clip"] for i in range(3)])
+    inputs, target = split_clip(clips, pred)
+    assert torch.equal(Trivial(pred, frames, 10, 0, cpu)(inputs, target), clips[:, 3])   # the last input frame
+    every = clip_dataset(frames, "train", recon)
+    mean = torch.stack([every[i]["clip"][0] for i in range(len(every))]).mean(dim=0)
+    trivial = Trivial(recon, frames, len(every), 0, cpu)
+    torch.testing.assert_close(trivial.mean_frame, mean)
+    inputs, target = split_clip(clips[:, :1], recon)
+    torch.testing.assert_close(trivial(inputs, target), mean.expand_as(target))
+    volume = torch.stack([clip_dataset(frames, "test", memae)[0]["clip"]])
+    inputs, target = split_clip(volume, memae)
+    output = Trivial(memae, frames, 20, 0, cpu)(inputs, target)
+    assert output.shape == target.shape and torch.equal(output[0, :, 0], output[0, :, 15])   # one frame, every t
+
+
+class Blank(torch.nn.Module):
+    """A model whose output is a black frame, so each window's point score is set by the frame alone."""
+
+    def forward(self, x):
+        return ModelOutput(torch.full_like(x, -1.0))
+
+
+def test_the_calibrated_threshold_is_the_quantile_of_the_sampled_training_point_scores(tiny_data):
+    variant = load_params().variant("mnad-recon")
+    frames = frames_dir("tiny", tiny_data)
+    train_set = clip_dataset(frames, "train", variant)
+    chosen = np.sort(np.random.default_rng(3).permutation(len(train_set))[:25])
+    inputs, target = split_clip(torch.stack([train_set[int(i)]["clip"] for i in chosen]), variant)
+    expected = np.quantile(point_score(torch.full_like(inputs, -1.0), target).double().numpy(), 0.3)
+    found = calibrated_threshold(Blank(), variant, frames, 25, 0.3, seed=3, batch_size=7, device=torch.device("cpu"))
+    assert found == pytest.approx(expected)
+    assert calibrated_threshold(Blank(), variant, frames, 25, 0.9, 3, 7, torch.device("cpu")) > found
