@@ -130,7 +130,7 @@ def sha256_file(path: Path) -> str:
 
 def tiny_profile(frame_size: int = 16, channels: int = 3) -> Profile:
     return Profile(frame_size=frame_size, channels=channels, width=0.125, epochs=1, batch_size=1, lr=1e-3,
-                   max_train_clips=0, num_workers=0)
+                   max_train_clips=0, num_workers=0, log_steps=1, update_threshold="paper")
 
 
 def make_dataset(kind: str, archives: list[Archive], *, fmt: str = "raw", frame_size: int = 16, channels: int = 3,
