@@ -1,9 +1,10 @@
 """Learning curves that size the default study: AUC (per anomaly type) and training loss against training steps.
 
     python benchmarks/learning_curve.py [--params params.yaml] [--dataset synthetic] [--epochs 1 2 4 8]
-        [--variants mnad-pred mnad-recon memae] [--seed 0] [--out analysis]
+        [--variants mnad-pred mnad-recon memae 'memae:shrink_threshold=0.0005'] [--seed 0] [--out analysis]
 
-For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
+A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`): it is then
+trained as a copy of that variant with those options, under that label. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
 each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder), evaluates it
 as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs. Writes
 <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them), and
@@ -43,12 +44,13 @@ def curve(params_path: Path | None, dataset_name: str, variants: list[str], epoc
     device = compute_device()
     rows = []
     for variant_name in variants:
-        variant = params.variant(variant_name)
+        variant = labelled_variant(params, variant_name)
         for epochs in epoch_list:
             dataset = base.model_copy(update={"profile": base.profile.model_copy(update={"epochs": epochs})})
-            out = run_dir(dataset_name, variant_name, seed, work / f"runs-{epochs}")
+            out = run_dir(dataset_name, variant_name.replace(":", "_"), seed, work / f"runs-{epochs}")
             started = time.perf_counter()
             training = train(dataset, variant, seed, frames, out, device)
+            last = training.log[-1]
             seconds = time.perf_counter() - started
             model = load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
             metrics = evaluate(model, variant, seed, frames, out, params.evaluate, dataset.profile.update_threshold,
@@ -60,13 +62,28 @@ def curve(params_path: Path | None, dataset_name: str, variants: list[str], epoc
             headline = metrics[metrics["headline"]]
             row = {"dataset": dataset_name, "variant": variant_name, "seed": seed, "epochs": epochs,
                    "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
-                   "final_loss": training.log[-1]["loss"], "relative_improvement": gate["relative_improvement"],
+                   "final_loss": last["loss"], "zero_rows": last.get("zero_rows", np.nan),
+                   "relative_improvement": gate["relative_improvement"],
                    "plateaued": gate["plateaued"], "normal_psnr": gate["normal_psnr"],
                    "floor_psnr": gate["floor_psnr"], "learnt": gate["learnt"], "auc_micro": headline["auc_micro"],
                    **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES}}
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return pd.DataFrame(rows)
+
+
+def labelled_variant(params, label: str):
+    """`name` or `name:option=value,...`: the variant, with the options replaced and the label as its name."""
+    name, _, options = label.partition(":")
+    variant = params.variant(name)
+    if not options:
+        return variant
+    changed = {}
+    for assignment in options.split(","):
+        key, value = assignment.split("=")
+        current = getattr(variant, key)
+        changed[key] = type(current)(value) if not isinstance(current, bool) else value.lower() == "true"
+    return variant.model_copy(update={**changed, "name": label})
 
 
 def figure(table: pd.DataFrame, path: Path) -> Path:
