@@ -30,7 +30,8 @@ class LoadedRun:
         self.run = run
         self.device = device or compute_device()
         dataset = params.dataset(run.dataset)
-        self.variant, self.profile = params.variant(run.variant), dataset.profile
+        self.variant = params.variant(run.variant)
+        self.profile = dataset.training_profile(self.variant)
         self.frames = frames_dir(run.dataset, data_root)
         self.model = load_trained_model(run.checkpoint, dataset, self.variant, run.seed, self.frames, self.device)
 

@@ -1,10 +1,13 @@
 """Learning curves that size the default study: AUC (per anomaly type) and training loss against training steps.
 
-    python benchmarks/learning_curve.py [--params params.yaml] [--dataset synthetic] [--epochs 1 2 4 8]
-        [--variants mnad-pred mnad-recon memae 'memae:shrink_threshold=0.0005'] [--seed 0] [--out analysis]
+    python benchmarks/learning_curve.py [--params params.yaml] [--dataset synthetic] [--epochs 2 4 6 8]
+        [--variants mnad-pred mnad-recon memae] [--probes 'memae:shrink_threshold=0.0025' 'memae@width=0.5']
+        [--probe-epochs 4] [--seed 0] [--out analysis]
 
-A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`): it is then
-trained as a copy of that variant with those options, under that label. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
+A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`) and profile
+overrides after an at sign (`memae@width=0.5`): it is then trained as a copy with those options, under that label.
+Probes (`--probes`) are such labels trained at one length only (`--probe-epochs`), to test one suspect at a time;
+they are rows of the table, not curves of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
 each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder), evaluates it
 as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs. Writes
 <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them), and
@@ -35,59 +38,73 @@ from pipeline.prepare import prepare  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
 
-def curve(params_path: Path | None, dataset_name: str, variants: list[str], epoch_list: list[int], seed: int,
+def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int, bool]], seed: int,
           work: Path) -> pd.DataFrame:
+    """One row per (label, epochs, probe) of `jobs`."""
     params = load_params(params_path)
     base = params.dataset(dataset_name)
     prepare(dataset_name, params_path, work / "data")
     frames = frames_dir(dataset_name, work / "data")
     device = compute_device()
     rows = []
-    for variant_name in variants:
-        variant = labelled_variant(params, variant_name)
-        for epochs in epoch_list:
-            dataset = base.model_copy(update={"profile": base.profile.model_copy(update={"epochs": epochs})})
-            out = run_dir(dataset_name, variant_name.replace(":", "_"), seed, work / f"runs-{epochs}")
-            started = time.perf_counter()
-            training = train(dataset, variant, seed, frames, out, device)
-            last = training.log[-1]
-            seconds = time.perf_counter() - started
-            model = load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
-            metrics = evaluate(model, variant, seed, frames, out, params.evaluate, dataset.profile.update_threshold,
-                               device)
-            gate = learning_gate([r["step"] for r in training.log], [r["loss"] for r in training.log],
-                                 metrics["normal_psnr"], metrics["floor_psnr"], variant.task,
-                                 params.gate.plateau_window, params.gate.plateau_tolerance,
-                                 params.gate.floor_margin_db)
-            headline = metrics[metrics["headline"]]
-            row = {"dataset": dataset_name, "variant": variant_name, "seed": seed, "epochs": epochs,
-                   "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
-                   "final_loss": last["loss"], "zero_rows": last.get("zero_rows", np.nan),
-                   "relative_improvement": gate["relative_improvement"],
-                   "plateaued": gate["plateaued"], "normal_psnr": gate["normal_psnr"],
-                   "floor_psnr": gate["floor_psnr"], "learnt": gate["learnt"], "auc_micro": headline["auc_micro"],
-                   **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES}}
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    for variant_name, epochs, probe in jobs:
+        variant, profile_options = labelled_variant(params, variant_name, base.profile)
+        profile = base.profile.model_copy(update={**profile_options, "epochs": epochs})
+        dataset = base.model_copy(update={"profile": profile})
+        out = run_dir(dataset_name, "".join(c if c.isalnum() else "_" for c in variant_name), seed,
+                      work / f"runs-{epochs}")
+        started = time.perf_counter()
+        training = train(dataset, variant, seed, frames, out, device)
+        last = training.log[-1]
+        seconds = time.perf_counter() - started
+        model = load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
+        started = time.perf_counter()
+        metrics = evaluate(model, variant, seed, frames, out, params.evaluate, dataset.profile.update_threshold,
+                           device)
+        eval_seconds = time.perf_counter() - started
+        gate = learning_gate([r["step"] for r in training.log], [r["loss"] for r in training.log],
+                             metrics["normal_psnr"], metrics["floor_psnr"], variant.task,
+                             params.gate.plateau_window, params.gate.plateau_tolerance,
+                             params.gate.floor_margin_db)
+        headline = metrics[metrics["headline"]]
+        row = {"dataset": dataset_name, "variant": variant_name, "probe": probe, "seed": seed, "epochs": epochs,
+               "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
+               "eval_seconds": round(eval_seconds, 1), "updated_frames": headline.get("updated_frames", 0),
+               "final_loss": last["loss"], "zero_rows": last.get("zero_rows", np.nan),
+               "late_improvement": gate["late_improvement"],
+               "plateaued": gate["plateaued"], "normal_psnr": gate["normal_psnr"],
+               "floor_psnr": gate["floor_psnr"], "learnt": gate["learnt"], "auc_micro": headline["auc_micro"],
+               **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES}}
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return pd.DataFrame(rows)
 
 
-def labelled_variant(params, label: str):
-    """`name` or `name:option=value,...`: the variant, with the options replaced and the label as its name."""
-    name, _, options = label.partition(":")
+def labelled_variant(params, label: str, profile):
+    """`name[:option=value,...][@profile_option=value,...]` -> (the variant with those options and the label as its
+    name, the profile options to change)."""
+    label_variant, _, profile_part = label.partition("@")
+    name, _, options = label_variant.partition(":")
     variant = params.variant(name)
-    if not options:
-        return variant
+    changed = _assignments(variant, options)
+    profile_changes = _assignments(profile, profile_part)
+    renamed = variant.model_copy(update={**changed, "name": label}) if changed or profile_changes else variant
+    return renamed, profile_changes
+
+
+def _assignments(model, text: str) -> dict:
+    """"a=1,b=true" -> {"a": 1, "b": True}, each value cast to the type the option has in `model`."""
     changed = {}
-    for assignment in options.split(","):
+    for assignment in filter(None, text.split(",")):
         key, value = assignment.split("=")
-        current = getattr(variant, key)
-        changed[key] = type(current)(value) if not isinstance(current, bool) else value.lower() == "true"
-    return variant.model_copy(update={**changed, "name": label})
+        current = getattr(model, key)
+        changed[key] = value.lower() == "true" if isinstance(current, bool) else type(current)(value)
+    return changed
 
 
 def figure(table: pd.DataFrame, path: Path) -> Path:
     """Per variant: AUC per anomaly type and micro AUC against steps (left axis), training loss (right axis)."""
+    table = table[~table["probe"].astype(bool)]
     variants = list(dict.fromkeys(table["variant"]))
     fig, axes = plotting.figure(1, len(variants), panel=(3.4, 2.8))
     for ax, variant in zip(axes[0], variants):
@@ -111,12 +128,16 @@ def main() -> int:
     parser.add_argument("--params", type=Path, default=None)
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--variants", nargs="+", default=["mnad-pred", "mnad-recon", "memae"])
-    parser.add_argument("--epochs", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--epochs", nargs="+", type=int, default=[2, 4, 6, 8])
+    parser.add_argument("--probes", nargs="*", default=[])
+    parser.add_argument("--probe-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "analysis")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as work:
-        table = curve(args.params, args.dataset, args.variants, args.epochs, args.seed, Path(work))
+        jobs = [(v, e, False) for v in args.variants for e in args.epochs]
+        jobs += [(p, args.probe_epochs, True) for p in args.probes]
+        table = curve(args.params, args.dataset, jobs, args.seed, Path(work))
     write_csv(args.out / "tables" / "budget" / "learning_curve.csv", table)
     figure(table, args.out / "figures" / "budget" / "learning_curve.png")
     print(table.to_string(index=False))

@@ -215,7 +215,11 @@ class MNAD(nn.Module):
     def encode(self, x: torch.Tensor) -> Encoded:
         """Everything before the decoder: the encoder and the memory read (the memory is not updated)."""
         check_frame_size(x, 8, "MNAD")
-        features, skips = self.encoder(x)
+        return self.read_memory(*self.encoder(x))
+
+    def read_memory(self, features: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> Encoded:
+        """The memory read of encoder features: the part of `encode` that depends on the memory (the test-time
+        update reruns only this and the decoder after the memory changes)."""
         if self.memory is None:
             return Encoded(features, None, skips, F.normalize(features, dim=1))
         memory_read = self.memory(features)
@@ -231,6 +235,11 @@ class MNAD(nn.Module):
         if replace is not None:
             decoder_input = replace(decoder_input, encoded.query_channels)
         return self.decoder(decoder_input, encoded.skips if self.decoder.skips else None)
+
+    def output_of(self, encoded: Encoded) -> ModelOutput:
+        """The forward pass's result for an encoding (the decoder run on it)."""
+        return ModelOutput(self.decode(encoded), encoded.queries, encoded.read, encoded.nearest, encoded.distance,
+                           dict(encoded.loss_terms or {}))
 
     @torch.no_grad()
     def test_time_update(self, result: ModelOutput, target: torch.Tensor, threshold: float,

@@ -108,6 +108,6 @@ def load_trained_model(path: Path, dataset: Dataset, variant: Variant, seed: int
     if state.get("fingerprint") != expected or state.get("epoch") != dataset.training_profile(variant).epochs:
         raise UserError(f"checkpoint {path} does not match params.yaml (trained with other options, frames or "
                         f"code, or unfinished); rerun its run stage with `dvc repro`")
-    model = build_model(variant, dataset.profile)
+    model = build_model(variant, dataset.training_profile(variant))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

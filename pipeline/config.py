@@ -68,6 +68,7 @@ Range = Annotated[tuple[StrictInt, StrictInt],
 class FamilySettings(Options):
     """A method's own training settings on one dataset, over the profile's (e.g. MemAE's paper lr and batch)."""
 
+    width: Positive | None = None
     lr: Positive | None = None
     batch_size: Count | None = None
     epochs: Count | None = None
@@ -76,7 +77,7 @@ class FamilySettings(Options):
 
 class Profile(Options):
     """How one dataset's frames are stored (prepare) and how models are trained on them. `families` gives a model
-    family (mnad, memae) its own lr, batch size, epochs or clips per epoch on this dataset."""
+    family (mnad, memae) its own width, lr, batch size, epochs or clips per epoch on this dataset."""
 
     frame_size: Annotated[StrictInt, rule(lambda v: v >= 8 and v % 8 == 0,
                                           "must be a multiple of 8 and at least 8, got {value}")]

@@ -8,6 +8,7 @@ output (class Trivial) that the learning gate compares the model with.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -48,55 +49,52 @@ def score_batched(model, dataset: ClipDataset | Subset, variant: Variant, batch_
 
 @torch.no_grad()
 def score_with_update(model, dataset: ClipDataset, variant: Variant, device, max_chunk: int,
-                      trivial: Trivial | None = None) -> dict[str, np.ndarray]:
+                      trivial: Trivial | None = None, frozen: bool = False) -> dict[str, np.ndarray]:
     """MNAD's test loop: frame by frame in video order, each frame is scored with the memory as it stands and then,
     if its point score is under the threshold, written into it. The memory persists across all test videos.
 
-    Frames are run in batches ("chunks") on the guess that none of them updates the memory: every frame up to and
-    including the first one that does update saw exactly the memory the frame-by-frame loop would have shown it, so
-    those results are kept, the update is applied, and the rest of the chunk is run again. The chunk doubles
-    after a chunk without an update and shrinks to twice the accepted run after one with an update, so rare
-    updates cost nearly nothing and frequent ones fall back to one frame at a time.
+    Windows are encoded in batches of `max_chunk`: the encoder's features and skip maps do not depend on the memory.
+    Within a batch, the memory read and the decoder run on "chunks" on the guess that none of their frames updates
+    the memory: every frame up to and including the first one that does update saw exactly the memory the
+    frame-by-frame loop would have shown it, so those results are kept, the update is applied, and the rest of the
+    chunk is read and decoded again. The chunk doubles after a chunk without an update and shrinks to twice the
+    accepted run after one with an update, so rare updates cost nearly nothing and frequent ones fall back to one
+    frame at a time.
+
+    With `frozen`, the same pass also scores every frame with the memory as trained (a copy that is never updated)
+    from the same encoder features: the "without update" series, as keys "frozen_psnr" and "frozen_distance".
     """
     parts: dict[str, list[np.ndarray]] = {"psnr": [], "distance": [], "memory_updated": []}
     if trivial is not None:
         parts["floor_psnr"] = []
-    start, chunk, loaded = 0, max_chunk, []   # `loaded`: the clips of windows start, start + 1, ... already read
-    progress = tqdm(total=len(dataset), desc="evaluate (test-time update)", leave=False, mininterval=2.0)
-    while start < len(dataset):
-        end = min(len(dataset), start + chunk)
-        loaded += [dataset[index]["clip"] for index in range(start + len(loaded), end)]
-        inputs, target = split_clip(torch.stack(loaded[:end - start]), variant)
+    trained = copy.deepcopy(model) if frozen else None
+    if frozen:
+        parts["frozen_psnr"], parts["frozen_distance"] = [], []
+    chunk = max_chunk
+    for batch in tqdm(DataLoader(dataset, batch_size=max_chunk, shuffle=False), desc="evaluate (test-time update)",
+                      leave=False, mininterval=2.0):
+        inputs, target = split_clip(batch["clip"], variant)
         inputs, target = inputs.to(device), target.to(device)
-        result = model(inputs)
-        updated = model.test_time_update(result, target, variant.test_threshold, first_only=True).cpu()
-        hit = bool(updated.any())
-        kept = int(updated.nonzero()[0, 0]) + 1 if hit else end - start
-        parts["psnr"].append(frame_errors(result.output[:kept], target[:kept], variant.family)["psnr"])
-        parts["distance"].append(result.distance[:kept].double().cpu().numpy())
-        parts["memory_updated"].append(updated[:kept].numpy().astype(np.int8))
+        features, skips = model.encoder(inputs)
         if trivial is not None:
-            parts["floor_psnr"].append(psnr(trivial(inputs[:kept], target[:kept]), target[:kept]))
-        chunk = min(max_chunk, 2 * kept if hit else 2 * chunk)
-        start, loaded = start + kept, loaded[kept:]
-        progress.update(kept)
-    progress.close()
+            parts["floor_psnr"].append(psnr(trivial(inputs, target), target))
+        if trained is not None:
+            result = trained.output_of(trained.read_memory(features, skips))
+            parts["frozen_psnr"].append(frame_errors(result.output, target, variant.family)["psnr"])
+            parts["frozen_distance"].append(result.distance.double().cpu().numpy())
+        start = 0
+        while start < len(inputs):
+            part = slice(start, min(len(inputs), start + chunk))
+            result = model.output_of(model.read_memory(features[part], tuple(s[part] for s in skips)))
+            updated = model.test_time_update(result, target[part], variant.test_threshold, first_only=True).cpu()
+            hit = bool(updated.any())
+            kept = int(updated.nonzero()[0, 0]) + 1 if hit else len(updated)
+            parts["psnr"].append(frame_errors(result.output[:kept], target[part][:kept], variant.family)["psnr"])
+            parts["distance"].append(result.distance[:kept].double().cpu().numpy())
+            parts["memory_updated"].append(updated[:kept].numpy().astype(np.int8))
+            chunk = min(max_chunk, 2 * kept if hit else 2 * chunk)
+            start += kept
     return {key: np.concatenate(value) for key, value in parts.items()}
-
-
-def score_frozen_after(model, dataset: ClipDataset, variant: Variant, batch_size: int, device,
-                       updated: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The frozen-memory series, given the test-time-update pass's series and the model back at its trained
-    memory: every frame up to and including the first one that updated the memory was scored with the trained
-    memory, so those results are the frozen ones; only the frames after it are run again (none, when no frame
-    updated the memory, the usual case on the synthetic sets)."""
-    first_update = np.flatnonzero(updated["memory_updated"])
-    reused = int(first_update[0]) + 1 if len(first_update) else len(dataset)
-    series = {key: updated[key][:reused] for key in ("psnr", "distance")}
-    if reused < len(dataset):
-        rest = score_batched(model, Subset(dataset, range(reused, len(dataset))), variant, batch_size, device)
-        series = {key: np.concatenate([series[key], rest[key]]) for key in series}
-    return series
 
 
 def add_scores(frame: pd.DataFrame, series: dict[str, np.ndarray], variant: Variant, nan_policy: str,
@@ -170,10 +168,10 @@ def evaluate(model, variant: Variant, seed: int, frames: Path, out_dir: Path, op
         metrics["update_threshold"] = {"mode": update_threshold, "value": threshold}
         trained_memory = {key: value.clone() for key, value in model.memory.state_dict().items()}
         updated = score_with_update(model, test_set, variant.model_copy(update={"test_threshold": threshold}),
-                                    device, options.batch_size, trivial)
+                                    device, options.batch_size, trivial, frozen=without_update)
         model.memory.load_state_dict(trained_memory)   # the caller's model keeps the memory it was trained with
         if without_update:
-            frozen = score_frozen_after(model, test_set, variant, options.batch_size, device, updated)
+            frozen = {"psnr": updated.pop("frozen_psnr"), "distance": updated.pop("frozen_distance")}
     elif without_update:
         frozen = score_batched(model, test_set, variant, options.batch_size, device, trivial)
     if without_update:

@@ -61,7 +61,7 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
                 return {}
             model = checkpoint.load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
         else:
-            model = build_model(variant, dataset.profile).to(device).eval()
+            model = build_model(variant, dataset.training_profile(variant)).to(device).eval()
         started = time.perf_counter()
         metrics = evaluate.evaluate(model, variant, seed, frames, out_dir, params.evaluate,
                                     dataset.profile.update_threshold, device)

@@ -86,28 +86,24 @@ def environment_tags(device: str) -> dict[str, str]:
             "numpy_version": numpy.__version__, "python_version": platform.python_version(), "device": device}
 
 
-def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """{"with_update": {"auc_micro": .9}} -> {"with_update.auc_micro": .9} (numbers only)."""
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping."""
+    for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"with_update": {"auc_micro": .9}} -> {"with_update.auc_micro": .9} (numbers only: MLflow metrics)."""
+    return {key: float(value) for key, value in _leaves(metrics, prefix)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def flatten_params(options: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"variant": {"task": "predict"}} -> {"variant.task": "predict"}: every option as an MLflow param."""
-    out = {}
-    for key, value in options.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, f"{name}."))
-        else:
-            out[name] = str(value)
-    return out
+    return {key: str(value) for key, value in _leaves(options, prefix)}
 
 
 class Logged:

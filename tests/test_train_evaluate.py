@@ -16,7 +16,7 @@ from pipeline.checkpoint import load_checkpoint, load_trained_model
 from pipeline.config import DEFAULT_PARAMS, load_params
 from pipeline.data import clip_dataset
 from pipeline.errors import UserError
-from pipeline.evaluate import score_batched, score_frozen_after, score_with_update
+from pipeline.evaluate import score_batched, score_with_update
 from pipeline.paths import frames_dir, run_dir
 from pipeline.run import run, run_seeds
 
@@ -183,27 +183,20 @@ def test_chunked_test_time_update_equals_the_frame_by_frame_loop(tiny_data, tmp_
     np.testing.assert_allclose(chunked["psnr"], frozen["psnr"], rtol=1e-6)
 
 
-def test_the_frozen_series_reuses_the_update_pass_up_to_its_first_update(tiny_data, tmp_path):
+def test_the_update_pass_also_scores_every_frame_with_the_trained_memory(tiny_data, tmp_path):
+    """The "without update" series comes from the same pass, through a copy of the model whose memory never
+    changes: it must equal a separate frozen pass, however often the live memory updated."""
     run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path)
     model, variant = trained_model("mnad-pred", tiny_data, tmp_path)
     test_set = clip_dataset(frames_dir("tiny", tiny_data), "test", variant)
+    items = model.memory.items.clone()
     frozen = score_batched(model, test_set, variant, 16, CPU)
-    first_update = 7
-    updated = {"psnr": frozen["psnr"] + 1.0, "distance": frozen["distance"] + 1.0,
-               "memory_updated": np.zeros(len(test_set), dtype=np.int8)}
-    # No frame updated the memory: everything is reused and nothing is run again.
-    reused = score_frozen_after(None, test_set, variant, 16, CPU, updated)
-    np.testing.assert_array_equal(reused["psnr"], updated["psnr"])
-    np.testing.assert_array_equal(reused["distance"], updated["distance"])
-    # Frame 7 updated it: frames 0-7 (7 included: it was scored before its own update) come from the update pass,
-    # the rest from a frozen pass over frames 8 onwards.
-    updated["memory_updated"][[first_update, first_update + 5]] = 1
-    mixed = score_frozen_after(model, test_set, variant, 16, CPU, updated)
-    np.testing.assert_array_equal(mixed["psnr"][:first_update + 1], updated["psnr"][:first_update + 1])
-    np.testing.assert_allclose(mixed["psnr"][first_update + 1:], frozen["psnr"][first_update + 1:], rtol=1e-6)
-    np.testing.assert_allclose(mixed["distance"][first_update + 1:], frozen["distance"][first_update + 1:],
-                               rtol=1e-5, atol=1e-7)
-    assert len(mixed["psnr"]) == len(mixed["distance"]) == len(test_set)
+    always = variant.model_copy(update={"test_threshold": 10.0})
+    both = score_with_update(model, test_set, always, CPU, 16, frozen=True)
+    assert both["memory_updated"].all() and not torch.equal(model.memory.items, items)
+    np.testing.assert_allclose(both["frozen_psnr"], frozen["psnr"], rtol=1e-6)
+    np.testing.assert_allclose(both["frozen_distance"], frozen["distance"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(both["distance"], frozen["distance"])
 
 
 def test_evaluate_scores_without_update_against_the_trained_memory(tiny_data, tmp_path):
