@@ -343,6 +343,37 @@ def claim_datasets(results: Results, claim: str) -> list[str]:
     return results.datasets
 
 
+COLLAPSE_STUDY = "collapse study"   # the C5 row's entry for the collapse study (analysis.collapse)
+
+
+def assess_collapse_study(results: Results) -> Assessment:
+    """C5 on the collapse study's base setting (mnad-pred with skips on 8 scenes, 10x the default's steps): holds
+    when more than half of its seeds collapse, does not hold when no setting collapses in any seed; the settings
+    that collapse and the hypothesis are in REPORT.md's collapse-study section."""
+    path = results.analysis_root / "tables" / "collapse" / "final.csv"
+    if not path.exists():
+        return Assessment(["the collapse study did not run (no `collapse_analysis` table)"], NOT_RUN)
+    final = pd.read_csv(path)
+    share = results.params.analysis.collapse_share
+    base = final[final["setting"] == "base"]
+    if base.empty:
+        return Assessment(["the collapse study has no `base` setting run"], NOT_RUN)
+    failed = [f"{r.setting} s{r.seed}" for r in base.itertuples() if not r.learnt]
+    collapsed = final[final["top_share"] >= share]
+    lines = [f"base setting: top item {base['top_share'].min():.0%}–{base['top_share'].max():.0%} of the test "
+             f"queries after {int(base['steps'].max())} steps; collapsed in {int((base['top_share'] >= share).sum())}"
+             f" of {len(base)} seeds",
+             "settings that collapsed: " + (", ".join(sorted(set(collapsed["setting"]))) or "none"),
+             "rule: holds when more than half of the base setting's seeds collapse, does not hold when no setting "
+             "collapses in any seed (see the collapse-study section)"]
+    if failed:
+        return Assessment([f"rests on runs that have not learnt (learning gate): {', '.join(failed)}", *lines],
+                          UNDERTRAINED)
+    fraction = float((base["top_share"] >= share).mean())
+    verdict = HOLDS if fraction > 0.5 else DOES_NOT_HOLD if collapsed.empty else INCONCLUSIVE
+    return Assessment(lines, verdict)
+
+
 def assess_all(results: Results) -> dict[str, dict[str, Assessment]]:
     assessed = {}
     for claim in CLAIMS:
@@ -352,4 +383,5 @@ def assess_all(results: Results) -> dict[str, dict[str, Assessment]]:
                 assessed[claim.id][dataset] = Assessment([results.why_not_run(dataset)], NOT_RUN)
             else:
                 assessed[claim.id][dataset] = claim.assess(results, dataset, claim.id)
+    assessed["C5"][COLLAPSE_STUDY] = assess_collapse_study(results)
     return assessed

@@ -120,22 +120,27 @@ def usage_figure(histograms: dict, usage: pd.DataFrame, runs_grid: list[list], p
 
 
 def usage_panel(ax, histograms: dict, usage: pd.DataFrame, variant: str, seed: int) -> None:
-    """Bars of each item's share of the queries (a common 0-1 scale, so a collapse is one full-height bar),
-    the top bar annotated; a collapsed memory gets a red title."""
-    def shares(split: str) -> np.ndarray:
-        counts = histograms[variant, seed, split]
-        return counts / max(counts.sum(), 1)
-
-    test, train = shares("test"), shares("train")
+    """One run's test histogram (bars) with its training one (outline) and its numbers in the title."""
     stats = usage[(usage["variant"] == variant) & (usage["seed"] == seed) & (usage["split"] == "test")].iloc[0]
+    usage_panel_bars(ax, histograms[variant, seed, "test"],
+                     f"{variant} seed {seed}\nentropy {stats['entropy']:.2f} of {stats['max_entropy']:.2f}, "
+                     f"{int(stats['items_used'])} used", bool(stats["collapsed"]),
+                     outline=histograms[variant, seed, "train"])
+
+
+def usage_panel_bars(ax, counts: np.ndarray, title: str, collapsed: bool, outline: np.ndarray | None = None) -> None:
+    """Bars of each item's share of the queries (a common 0-1 scale, so a collapse is one full-height bar), the top
+    bar annotated, `outline` (another split's counts) drawn as empty bars; a collapsed memory is drawn in red."""
+    test = counts / max(counts.sum(), 1)
     if len(test) <= MOST_ITEMS_DRAWN:
         order = np.arange(len(test))
     else:
         order = np.argsort(-test, kind="stable")[:MOST_ITEMS_DRAWN]
     x = np.arange(len(order))
     ax.bar(x, test[order], width=0.8, color="#2c7fb8", label="test")
-    if len(train):
-        ax.bar(x, train[order], width=0.8, fill=False, edgecolor="black", linewidth=0.6, label="train")
+    if outline is not None and len(outline):
+        ax.bar(x, (outline / max(outline.sum(), 1))[order], width=0.8, fill=False, edgecolor="black",
+               linewidth=0.6, label="train")
     top = int(np.argmax(test[order]))
     side = "left" if top < len(x) / 3 else "right" if top > 2 * len(x) / 3 else "center"  # stay inside the panel
     ax.annotate(f"item {order[top]}: {test[order][top]:.0%}", (x[top], test[order][top]), xytext=(0, 2),
@@ -145,10 +150,7 @@ def usage_panel(ax, histograms: dict, usage: pd.DataFrame, variant: str, seed: i
     ax.set_xticklabels(order if len(x) <= 20 else order[::5])
     ax.set_xlabel("memory item" + (f" ({len(order)} most used of {len(test)})" if len(order) < len(test) else ""))
     ax.set_ylabel("share of queries")
-    collapsed = bool(stats["collapsed"])
-    ax.set_title(f"{variant} seed {seed}{'  COLLAPSED' if collapsed else ''}\n"
-                 f"entropy {stats['entropy']:.2f} of {stats['max_entropy']:.2f}, {int(stats['items_used'])} used",
-                 color=plotting.ALERT if collapsed else "black")
+    ax.set_title(title.replace("\n", "  COLLAPSED\n", 1) if collapsed and "\n" in title
+                 else title + ("  COLLAPSED" if collapsed else ""), color=plotting.ALERT if collapsed else "black")
     if collapsed:
         ax.set_facecolor("#fdecea")
-

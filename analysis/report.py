@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
-from analysis.claims import CLAIMS, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment, assess_all
+from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
+                             assess_all, combine, dominance)
 from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
@@ -268,6 +269,110 @@ def learning_curve_table(path: Path) -> str:
                   "spatial", "temporal", "spatio-temporal", "MemAE zero rows"], rows)
 
 
+# What each collapse-study setting changes from `base` (params.yaml collapse.settings), for the tables.
+FACTORS = {"base": "— (skips, 8 scenes, 4x4 queries)", "recon-no-skips": "task and skips: reconstruction, no skips",
+           "pred-no-skips": "skips: none", "query-map-8x8": "query map: 8x8 (64 px frames)",
+           "one-scene": "scenes: one plain scene", "memory-losses-x10": "memory losses: weights x10",
+           "update-norm-paper": "update_norm: paper", "uniform-loss": "uniform usage loss (RC2020's fix)"}
+# A stated GPU rate for the estimate of the papers' ShanghaiTech study (no GPU measured here): sustained fp32
+# training throughput of an H100/H200-class GPU on MNAD at 256 px, in samples per second.
+GPU_SAMPLES_PER_SECOND = 60.0
+
+
+def collapse_section(results: Results) -> str:
+    """The collapse study: under which setting the memory collapses, when, and whether the hypothesis holds."""
+    params = results.params
+    path = results.analysis_root / "tables" / "collapse" / "final.csv"
+    lines = ["## The collapse study (C5: when and why the memory collapses)", ""]
+    if not path.exists():
+        return "\n".join(lines + ["not run here (the `collapse_analysis` stage has not written its table)."])
+    final = pd.read_csv(path)
+    share = params.analysis.collapse_share
+    rows = []
+    for setting, runs in final.groupby("setting", sort=False):
+        collapsed = int((runs["top_share"] >= share).sum())
+        steps = runs["collapse_step"].dropna()
+        rows.append([setting, FACTORS.get(setting, "(see params.yaml)"), f"{len(runs)}", f"{runs['steps'].max()}",
+                     f"{runs['top_share'].min():.0%}–{runs['top_share'].max():.0%}", f"{collapsed} of {len(runs)}",
+                     f"{int(steps.min())}" if len(steps) else "never", f"{runs['entropy'].mean():.2f}",
+                     f"{runs['entropy_slope'].mean():+.2f} ± {runs['entropy_slope_error'].mean():.2f}",
+                     f"{runs['position_nmi'].mean():.2f}", f"{runs['position_variance_share'].mean():.2f}",
+                     f"{int(runs['constant_distance_videos'].sum())} of {int(runs['videos'].sum())}",
+                     percent(runs["auc_micro"]), f"{int(runs['learnt'].sum())} of {len(runs)}"])
+    lines += [f"Settings of params.yaml `collapse`, each trained with the first {params.collapse.seeds} seeds; usage "
+              "over training from held-out training windows, final usage on the test set. Collapsed: the top item "
+              f"takes ≥ {share:.0%} of the queries. Entropy slope: usage entropy against log10(step) over the second "
+              "half of training, per decade of steps (mean over seeds ± the mean standard error). NaN heuristic: "
+              "test videos whose feature-distance series is constant (0/0 in MNAD's min-max).", "",
+              table(["setting", "factor changed", "seeds", "steps", "final top share", "collapsed",
+                     "first collapsed step", "entropy", "entropy slope", "position NMI", "position variance share",
+                     "NaN-heuristic videos", "AUC", "learnt"], rows), ""]
+    lines += collapse_conclusions(final, share)
+    links = figure_links([results.link("collapse", "", name, text) for name, text in (
+        ("usage_over_training.png", "usage over training"), ("histograms.png", "final usage histograms"),
+        ("nan_heuristic.png", "NaN heuristic"))])
+    lines += ["", *links, "", *shanghaitech_command(params)]
+    return "\n".join(lines)
+
+
+def collapse_conclusions(final: pd.DataFrame, share: float) -> list[str]:
+    """The hypothesis, part by part, each part decided over seeds (every seed of one setting beyond every seed of
+    the other), and what collapsed."""
+    def values(setting: str, column: str) -> pd.Series:
+        return final[final["setting"] == setting][column]
+
+    collapsed = sorted(set(final[final["top_share"] >= share]["setting"]))
+    lines = [f"- **Collapsed** (top item ≥ {share:.0%} in some seed): {', '.join(collapsed) if collapsed else 'none'}."]
+    parts = []
+    if {"base", "recon-no-skips", "pred-no-skips"} <= set(final["setting"]):
+        for other in ("recon-no-skips", "pred-no-skips"):
+            parts.append((f"with skips usage is narrower than {other} (top share)",
+                          dominance(values("base", "top_share"), values(other, "top_share"))))
+            parts.append((f"with skips the item is set by position more than in {other} (NMI)",
+                          dominance(values("base", "position_nmi"), values(other, "position_nmi"))))
+    if {"base", "query-map-8x8"} <= set(final["setting"]):
+        parts.append(("a larger query map narrows usage (top share 8x8 above 4x4)",
+                      dominance(values("query-map-8x8", "top_share"), values("base", "top_share"))))
+    if "base" in set(final["setting"]):
+        slope = values("base", "entropy_slope")
+        parts.append(("usage narrows with training steps (base entropy slope below 0 in every seed)",
+                      HOLDS if (slope < 0).all() else DOES_NOT_HOLD if (slope > 0).all() else INCONCLUSIVE))
+    lines.append("- **Hypothesis** (with skips the decoder can ignore the memory read, the memory losses then favour "
+                 "input-independent queries, and interior positions share one item; the effect grows with steps and "
+                 "the query map's size, with skips and not without): " + "; ".join(
+                     f"{text} → {verdict}" for text, verdict in parts) + f". Overall: **{combine([v for _, v in parts])}**.")
+    if not collapsed:
+        base = final[final["setting"] == "base"]
+        lines.append(f"- Nothing collapsed within the budget. The largest regime tried: {int(final['steps'].max())} "
+                     f"steps, query maps up to 8x8; the base setting's entropy slope is "
+                     f"{base['entropy_slope'].mean():+.2f} ± {base['entropy_slope_error'].mean():.2f} nats per decade "
+                     "of steps (mean ± standard error).")
+    return lines
+
+
+def shanghaitech_command(params: Params) -> list[str]:
+    """The command that runs the base setting on ShanghaiTech at the papers' settings, and its GPU hours at a
+    stated rate."""
+    dataset = params.dataset("shanghaitech")
+    profile = dataset.profile
+    steps_per_epoch = 274_515 // profile.batch_size          # every training frame, MNAD's epochs
+    samples = profile.epochs * steps_per_epoch * profile.batch_size
+    runs = len(params.collapse.settings) * params.collapse.seeds
+    hours = samples / GPU_SAMPLES_PER_SECOND / 3600
+    return ["The same study on ShanghaiTech at the papers' settings (256 px BGR, full width, batch "
+            f"{profile.batch_size}, {profile.epochs} epochs: about {profile.epochs * steps_per_epoch:,} steps a run) "
+            "on a GPU, after placing its archive (docs/datasets.md):", "",
+            "```bash",
+            "dvc exp run -S 'collapse.datasets=[shanghaitech]' \\",
+            "  -S 'collapse.settings={base: {dataset: shanghaitech, variant: mnad-pred}, "
+            "recon-no-skips: {dataset: shanghaitech, variant: mnad-recon}, uniform-loss: {dataset: shanghaitech, "
+            "variant: mnad-pred-uniform}}'",
+            "```", "",
+            f"At an assumed {GPU_SAMPLES_PER_SECOND:g} training samples per second on one H100/H200-class GPU (fp32; "
+            "no GPU was lent to measure it), one run takes about "
+            f"{hours:.0f} GPU hours and the {runs} runs of the full settings table about {hours * runs:.0f}."]
+
+
 def runs_section(results: Results) -> str:
     """Every trained run's learning gate and test-time update."""
     lines = ["## Runs: learning gate and test-time update", "",
@@ -351,7 +456,7 @@ def claims_section(results: Results, assessed: dict[str, dict[str, Assessment]])
     for claim in CLAIMS:
         evidence, verdicts, not_run = [], [], {}
         for dataset, assessment in assessed[claim.id].items():
-            if not results.ran(dataset):
+            if not results.ran(dataset) and dataset != COLLAPSE_STUDY:
                 in_study = dataset in results.params.study.all_datasets
                 reason = "no evaluated runs" if in_study else "not in this study"
                 not_run.setdefault(reason, []).append(dataset)
@@ -402,6 +507,7 @@ def write_report(params: Params, runs_root: Path | None = None, analysis_root: P
         runs_section(results),
         results_section(results),
         claims_section(results, assessed),
+        collapse_section(results),
         comparisons_section(results),
     ]) + "\n"
     write_text(report_path, text)

@@ -89,6 +89,9 @@ class Profile(Options):
     max_train_clips: CountOrAll     # 0 = every clip of the training set each epoch
     num_workers: Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 or more, got {value}")]  # speed only
     log_steps: Count                # one train_log.csv row per this many steps: logging only
+    # Training windows held out of training and encoded at every logged row, to follow the memory's usage over
+    # training (usage_* columns of train_log.csv); 0 = none. Holding them out changes the trained weights.
+    monitor_windows: Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 or more, got {value}")] = 0
     # The test-time update threshold: each variant's test_threshold (the papers' values), or a quantile of the
     # training frames' point scores under the trained model (evaluate.calibration_quantile): scoring only.
     update_threshold: Literal["paper", "calibrated"]
@@ -270,6 +273,20 @@ class Study(Options):
         return self.variants + tuple(v for v in self.complex_variants if v not in self.variants)
 
 
+class CollapseSetting(Options):
+    dataset: StrictStr
+    variant: StrictStr
+
+
+class Collapse(Options):
+    """The collapse study: settings (a dataset and a variant each), every one trained with the first `seeds` of
+    study.seeds; `datasets` lists the datasets the settings use (DVC prepares them)."""
+
+    seeds: Count
+    datasets: tuple[StrictStr, ...]
+    settings: dict[StrictStr, CollapseSetting]
+
+
 class Evaluate(Options):
     batch_size: Count
     nan_policy: Literal["safe", "reference"]
@@ -315,9 +332,9 @@ class Analysis(Options):
 class Params:
     """The whole of params.yaml, validated."""
 
-    def __init__(self, study: Study, datasets: Mapping[str, Dataset], variants: Mapping[str, Variant],
-                 evaluate: Evaluate, gate: Gate, analysis: Analysis):
-        self.study, self.datasets, self.variants = study, dict(datasets), dict(variants)
+    def __init__(self, study: Study, collapse: Collapse, datasets: Mapping[str, Dataset],
+                 variants: Mapping[str, Variant], evaluate: Evaluate, gate: Gate, analysis: Analysis):
+        self.study, self.collapse, self.datasets, self.variants = study, collapse, dict(datasets), dict(variants)
         self.evaluate, self.gate, self.analysis = evaluate, gate, analysis
 
     def dataset(self, name: str) -> Dataset:
@@ -499,6 +516,24 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                    f"{v!r} has nothing to train; it is evaluated by the baseline stage for every dataset")
     _check(len(study.seeds) >= 1, "study.seeds", "list at least one seed")
 
+    collapse = _validate(Collapse, _section(raw, "collapse"), "collapse")
+    for d in collapse.datasets:
+        _check(d in datasets, "collapse.datasets", f"unknown dataset {d!r}; valid: {sorted(datasets)}")
+        _check(d not in study.all_datasets, "collapse.datasets", f"{d!r} is also a dataset of the study; give the "
+                                                                 "collapse study datasets of its own")
+    pairs = set()
+    for name, setting in collapse.settings.items():
+        key = f"collapse.settings.{name}"
+        _check(setting.dataset in collapse.datasets, f"{key}.dataset",
+               f"{setting.dataset!r} is not in collapse.datasets {list(collapse.datasets)}; add it there")
+        _check(setting.variant in variants and variants[setting.variant].memory == "mnad", f"{key}.variant",
+               f"{setting.variant!r} is not a variant with an MNAD memory; valid: "
+               f"{sorted(n for n, v in variants.items() if v.memory == 'mnad')}")
+        _check((setting.dataset, setting.variant) not in pairs, key,
+               f"another setting already trains {setting.variant} on {setting.dataset}")
+        pairs.add((setting.dataset, setting.variant))
+    _check(collapse.seeds <= len(study.seeds), "collapse.seeds",
+           f"{collapse.seeds} seeds asked, study.seeds lists {len(study.seeds)}")
     evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
     gate = _validate(Gate, _section(raw, "gate"), "gate")
     analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")
@@ -506,7 +541,7 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         _check(v in variants and variants[v].family == "mnad", "analysis.replacement_variants",
                f"{v!r} is not an MNAD-family variant (the study replaces MNAD's decoder input); valid: "
                f"{sorted(n for n, x in variants.items() if x.family == 'mnad')}")
-    return Params(study, datasets, variants, evaluate, gate, analysis)
+    return Params(study, collapse, datasets, variants, evaluate, gate, analysis)
 
 
 def load_params(path: str | Path | None = None) -> Params:

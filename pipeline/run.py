@@ -1,5 +1,5 @@
 """The runs of one variant on one dataset: `python -m pipeline.run --dataset D --variant V [--seed S ...]` (the
-`run@` and `baseline@` stages; every seed of study.seeds unless --seed says which).
+`run@`, `baseline@` and `collapse@` stages; every seed of study.seeds unless --seed or --first-seeds says which).
 
 Each run (one seed) trains the variant (a no-op when runs/<dataset>/<variant>/seed<S>/checkpoint.pt is finished and
 its training fingerprint matches: an evaluation-only change never retrains; an interrupted training resumes), then
@@ -14,6 +14,7 @@ start-up (torch, MLflow) and of DVC's bookkeeping that the seeds then pay once.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,8 +39,8 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
     out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     device = compute_device()
     with tracking.Run(dataset_name, variant_name, seed) as mlflow_run:
-        stage = f"baseline@{dataset_name}" if not variant.trainable else f"run@{dataset_name}-{variant_name}"
-        mlflow_run.set_tags({**tracking.environment_tags(device.type), "dvc_stage": stage,
+        # DVC names the stage that runs this command in DVC_STAGE; by hand there is none
+        mlflow_run.set_tags({**tracking.environment_tags(device.type), "dvc_stage": os.environ.get("DVC_STAGE", "-"),
                              "eval.nan_policy": params.evaluate.nan_policy,
                              "eval.test_time_update": params.evaluate.test_time_update})
         mlflow_run.log_params({"variant.alpha": variant.alpha, "variant.test_threshold": variant.test_threshold})
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--seed", type=int, action="append", help="a seed to run (default: study.seeds)")
+    parser.add_argument("--first-seeds", type=int, help="run the first this many of study.seeds (the collapse study)")
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
     args = parser.parse_args(argv)
-    run_seeds(args.dataset, args.variant, args.seed, args.params)
+    seeds = args.seed
+    if args.first_seeds is not None:
+        seeds = list(load_params(args.params).study.seeds[:args.first_seeds])
+    run_seeds(args.dataset, args.variant, seeds, args.params)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch._dynamo  # noqa: F401 - every optimizer imports it when first built; here it counts as start-up
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -30,7 +31,7 @@ from pipeline.config import Dataset, Variant
 from pipeline.data import clip_dataset
 from pipeline.errors import UserError
 from pipeline.io import write_csv
-from pipeline.metrics import usage_stats
+from pipeline.metrics import UsageAccumulator, usage_stats
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,40 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def epoch_order(num_clips: int, max_clips: int, seed: int, epoch: int) -> list[int]:
-    order = torch.randperm(num_clips, generator=epoch_generator(seed, epoch))
-    return order[:max_clips].tolist() if max_clips else order.tolist()
+def epoch_order(pool: list[int], max_clips: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's seeded draw from the training windows `pool`."""
+    order = torch.randperm(len(pool), generator=epoch_generator(seed, epoch))
+    chosen = order[:max_clips] if max_clips else order
+    return [pool[i] for i in chosen.tolist()]
+
+
+def held_out(count: int, monitored: int, seed: int) -> tuple[list[int], list[int]]:
+    """(the training pool, the monitored windows): a seeded draw of `monitored` windows that training never sees."""
+    monitor = sorted(np.random.default_rng(seed).choice(count, size=monitored, replace=False).tolist())
+    taken = set(monitor)
+    return [i for i in range(count) if i not in taken], monitor
+
+
+class UsageMonitor:
+    """How the memory's queries choose items on a fixed batch of held-out training windows, measured between steps
+    with the model in eval mode and without gradients (so training is unchanged): the usage statistics of
+    pipeline.metrics.UsageAccumulator, prefixed "usage_"."""
+
+    def __init__(self, train_set, indices: list[int], variant: Variant, device: torch.device):
+        clips = torch.stack([train_set[i]["clip"] for i in indices])
+        self.inputs = split_clip(clips, variant)[0].to(device)
+        self.items = variant.memory_items
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        model.eval()
+        encoded = model.encode(self.inputs)
+        model.train()
+        nearest = encoded.nearest.flatten(1).cpu().numpy()
+        queries = encoded.queries.flatten(2).transpose(1, 2).cpu().numpy()
+        usage = UsageAccumulator(self.items, nearest.shape[1], queries.shape[2])
+        usage.add(nearest, queries)
+        return {f"usage_{key}": value for key, value in usage.stats().items()}
 
 
 def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: Path, device: torch.device,
@@ -74,10 +106,14 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
     fingerprint = ckpt.fingerprint(config)
     seed_everything(seed)
     train_set = clip_dataset(frames, "train", variant)
-    per_epoch = min(len(train_set), profile.max_train_clips or len(train_set))
+    key = f"datasets.{dataset.name}.profile"
+    if profile.monitor_windows >= len(train_set):
+        raise UserError(f"{frames}: {key}.monitor_windows {profile.monitor_windows} holds out every one of the "
+                        f"{len(train_set)} training windows; lower it")
+    pool, monitored = held_out(len(train_set), profile.monitor_windows, seed)
+    per_epoch = min(len(pool), profile.max_train_clips or len(pool))
     if per_epoch < profile.batch_size:  # drop_last would leave an epoch without a single step
-        key = f"datasets.{dataset.name}.profile"
-        raise UserError(f"{frames}: {per_epoch} training clips per epoch ({len(train_set)} in the set, "
+        raise UserError(f"{frames}: {per_epoch} training clips per epoch ({len(pool)} in the set, "
                         f"{key}.max_train_clips {profile.max_train_clips}), fewer than one batch of "
                         f"{profile.batch_size}; lower {key}.batch_size")
     model = build_model(variant, profile).to(device)
@@ -108,10 +144,11 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
         if on_log:
             on_log(rows[-1])
 
+    monitor = UsageMonitor(train_set, monitored, variant, device) if monitored and variant.has_memory else None
     steps_per_epoch = per_epoch // profile.batch_size
     for epoch in range(start_epoch, profile.epochs):
-        train_epoch(model, optimizer, scheduler.get_last_lr()[0], train_set, variant, profile, seed, epoch, device,
-                    epoch * steps_per_epoch, logged,
+        train_epoch(model, optimizer, scheduler.get_last_lr()[0], train_set, pool, variant, profile, seed, epoch,
+                    device, epoch * steps_per_epoch, logged, monitor,
                     f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")
         scheduler.step()
         ckpt.save_checkpoint(checkpoint_path, {
@@ -137,13 +174,14 @@ def _earlier_seconds(log_path: Path, rows: int) -> dict[int, float]:
     return {int(step): float(s) for step, s in zip(earlier["step"][:rows], earlier["seconds"][:rows])}
 
 
-def train_epoch(model, optimizer, lr: float, train_set, variant, profile, seed: int, epoch: int, device,
-                first_step: int, logged: Callable[[dict, float], None], description: str) -> None:
-    """One epoch over the epoch's seeded draw of clips. Every `profile.log_steps` steps (and at the epoch's end)
-    `logged` receives a row: the step, the epoch, the learning rate, the mean of each loss term over those steps
-    and, with a memory, the usage statistics of their nearest-item assignments; and the seconds they took."""
-    loader = DataLoader(torch.utils.data.Subset(train_set, epoch_order(len(train_set), profile.max_train_clips,
-                                                                       seed, epoch)),
+def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant, profile, seed: int, epoch: int,
+                device, first_step: int, logged: Callable[[dict, float], None], monitor: UsageMonitor | None,
+                description: str) -> None:
+    """One epoch over the epoch's seeded draw of clips from `pool`. Every `profile.log_steps` steps (and at the
+    epoch's end) `logged` receives a row: the step, the epoch, the learning rate, the mean of each loss term over
+    those steps and, with a memory, the usage statistics of their nearest-item assignments and the monitor's
+    (usage_*); and the seconds they took."""
+    loader = DataLoader(torch.utils.data.Subset(train_set, epoch_order(pool, profile.max_train_clips, seed, epoch)),
                         batch_size=profile.batch_size, shuffle=False, drop_last=True,
                         num_workers=profile.num_workers, pin_memory=device.type == "cuda")
     noise_generator = epoch_generator(seed, epoch)
@@ -171,5 +209,7 @@ def train_epoch(model, optimizer, lr: float, train_set, variant, profile, seed: 
                    **{name: float(total) / steps for name, total in sums.items()}}
             if usage is not None:
                 row.update({f"memory_{k}": v for k, v in usage_stats(usage.cpu().numpy()).items()})
+            if monitor is not None:
+                row.update(monitor(model))
             logged(row, time.perf_counter() - started)
             sums, usage, steps, started = {}, None, 0, time.perf_counter()

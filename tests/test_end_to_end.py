@@ -35,6 +35,11 @@ def repro(tmp_path_factory):
     params["study"]["datasets"] = ["tiny"]
     params["study"]["complex_datasets"] = []  # the *_complex twins are the same definitions (see below)
     params["study"]["seeds"] = [0]
+    # the collapse study, two settings on a copy of the tiny dataset
+    params["datasets"]["tiny-collapse"] = params["datasets"]["tiny"]
+    params["collapse"] = {"seeds": 1, "datasets": ["tiny-collapse"],
+                          "settings": {"base": {"dataset": "tiny-collapse", "variant": "mnad-pred"},
+                                       "recon-no-skips": {"dataset": "tiny-collapse", "variant": "mnad-recon"}}}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -75,6 +80,18 @@ def test_repro_writes_metrics_for_every_variant(repro):
     assert ignored.stdout.split() == ["runs/tiny/mnad-pred/seed0/checkpoint.pt"]
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=work, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout  # everything up to date after one repro
+
+
+def test_the_collapse_study_runs_its_settings_and_reports_them(repro):
+    work, _ = repro
+    final = pd.read_csv(work / "analysis" / "tables" / "collapse" / "final.csv")
+    assert list(final["setting"]) == ["base", "recon-no-skips"] and (final["steps"] == 8).all()
+    trajectory = pd.read_csv(work / "analysis" / "tables" / "collapse" / "trajectories.csv")
+    assert len(trajectory) == 16 and trajectory["entropy"].notna().all()   # a usage row per logged step and run
+    for figure in ("usage_over_training.png", "histograms.png", "nan_heuristic.png"):
+        assert (work / "analysis" / "figures" / "collapse" / figure).stat().st_size > 1000
+    report = (work / "REPORT.md").read_text()
+    assert "## The collapse study" in report and "| base |" in report and "dvc exp run -S 'collapse.datasets" in report
 
 
 def test_mlflow_holds_a_finished_study_run_with_one_nested_run_per_variant(repro):

@@ -81,3 +81,27 @@ def test_the_calibrated_threshold_is_the_quantile_of_the_sampled_training_point_
     found = calibrated_threshold(Blank(), variant, frames, 25, 0.3, seed=3, batch_size=7, device=torch.device("cpu"))
     assert found == pytest.approx(expected)
     assert calibrated_threshold(Blank(), variant, frames, 25, 0.9, 3, 7, torch.device("cpu")) > found
+
+
+def test_the_usage_monitor_sees_a_collapsed_memory_as_one_item(tiny_data):
+    """Constant queries (the encoder's last conv zeroed to its bias) all pick one item: top share 1, entropy 0."""
+    from models.build import build_model
+    from pipeline.train import UsageMonitor
+
+    params = load_params()
+    variant, profile = params.variant("mnad-pred"), params.dataset("tiny").profile
+    torch.manual_seed(0)
+    model = build_model(variant, profile)
+    train_set = clip_dataset(frames_dir("tiny", tiny_data), "train", variant)
+    monitor = UsageMonitor(train_set, [0, 3, 5], variant, torch.device("cpu"))
+    spread = monitor(model)
+    assert set(spread) == {f"usage_{k}" for k in ("entropy", "perplexity", "items_used", "top_share", "collapsed",
+                                                  "position_nmi", "position_variance_share")}
+    with torch.no_grad():
+        last = model.encoder.block4[3]
+        last.weight.zero_()
+        last.bias.copy_(torch.linspace(-1, 1, last.bias.numel()))
+    collapsed = monitor(model)
+    assert collapsed["usage_top_share"] == 1.0 and collapsed["usage_entropy"] == 0.0
+    assert collapsed["usage_items_used"] == 1 and collapsed["usage_collapsed"] == 1
+    assert model.training   # the monitor puts the model back in training mode

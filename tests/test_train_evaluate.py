@@ -58,6 +58,11 @@ def test_an_interrupted_training_resumes_to_the_same_checkpoint_bytes(tiny_data,
     log = pd.read_csv(cut / "train_log.csv")
     assert log["step"].tolist() == list(range(1, 9)) and log["epoch"].tolist() == [1] * 4 + [2] * 4  # a row a step
     assert log["seconds"].notna().all()  # the seconds of both executions kept
+    # the memory's usage on the held-out monitor windows, at every logged step
+    usage = log[[c for c in log.columns if c.startswith("usage_")]]
+    assert set(usage.columns) >= {"usage_entropy", "usage_top_share", "usage_position_nmi"}
+    assert usage.drop(columns="usage_position_nmi").notna().all().all()
+    assert (usage["usage_position_nmi"].notna() | (usage["usage_items_used"] == 1)).all()   # NaN: one item only
     [mlflow_run] = tracking.client().search_runs(
         [tracking.client().get_experiment_by_name("tiny").experiment_id],
         filter_string="tags.variant = 'mnad-pred' and tags.seed = '0'")
@@ -129,7 +134,7 @@ def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, t
     assert logged.data.metrics["auc_micro"] == metrics["with_update"]["auc_micro"]   # the headline, sortable
     assert logged.data.params["variant.compactness_weight"] == "0.01" and logged.data.params["variant.task"] == \
         "reconstruct"
-    assert logged.data.tags["dvc_stage"] == "run@tiny-mnad-recon" and "torch_version" in logged.data.tags
+    assert logged.data.tags["dvc_stage"] == "-" and "torch_version" in logged.data.tags   # not run by DVC here
 
 
 def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_seeds(tiny_data, tmp_path):
