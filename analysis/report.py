@@ -351,26 +351,26 @@ def collapse_conclusions(final: pd.DataFrame, share: float) -> list[str]:
 
 
 def shanghaitech_command(params: Params) -> list[str]:
-    """The command that runs the base setting on ShanghaiTech at the papers' settings, and its GPU hours at a
-    stated rate."""
+    """The command that runs the collapse study's settings on ShanghaiTech at the papers' settings (the frame-size
+    and scene-count factors do not apply to a real dataset and are dropped), and its GPU hours at a stated rate."""
     dataset = params.dataset("shanghaitech")
     profile = dataset.profile
+    fixed = {"query-map-8x8", "one-scene"}   # a real dataset has one frame size and its own scenes
+    kept = [name for name in params.collapse.settings if name not in fixed]
     steps_per_epoch = 274_515 // profile.batch_size          # every training frame, MNAD's epochs
     samples = profile.epochs * steps_per_epoch * profile.batch_size
-    runs = len(params.collapse.settings) * params.collapse.seeds
+    runs = len(kept) * params.collapse.seeds
     hours = samples / GPU_SAMPLES_PER_SECOND / 3600
+    overrides = ["collapse.datasets=[shanghaitech]", *(f"collapse.settings.{name}.dataset=shanghaitech"
+                                                       for name in kept),
+                 *(f"~collapse.settings.{name}" for name in params.collapse.settings if name in fixed)]
     return ["The same study on ShanghaiTech at the papers' settings (256 px BGR, full width, batch "
             f"{profile.batch_size}, {profile.epochs} epochs: about {profile.epochs * steps_per_epoch:,} steps a run) "
             "on a GPU, after placing its archive (docs/datasets.md):", "",
-            "```bash",
-            "dvc exp run -S 'collapse.datasets=[shanghaitech]' \\",
-            "  -S 'collapse.settings={base: {dataset: shanghaitech, variant: mnad-pred}, "
-            "recon-no-skips: {dataset: shanghaitech, variant: mnad-recon}, uniform-loss: {dataset: shanghaitech, "
-            "variant: mnad-pred-uniform}}'",
-            "```", "",
+            "```bash", "dvc exp run " + " ".join(f"-S '{o}'" for o in overrides), "```", "",
             f"At an assumed {GPU_SAMPLES_PER_SECOND:g} training samples per second on one H100/H200-class GPU (fp32; "
-            "no GPU was lent to measure it), one run takes about "
-            f"{hours:.0f} GPU hours and the {runs} runs of the full settings table about {hours * runs:.0f}."]
+            f"no GPU was lent to measure it), one run takes about {hours:.0f} GPU hours and its {runs} runs "
+            f"({len(kept)} settings x {params.collapse.seeds} seeds) about {hours * runs:.0f}."]
 
 
 def runs_section(results: Results) -> str:
