@@ -174,6 +174,17 @@ def _earlier_seconds(log_path: Path, rows: int) -> dict[int, float]:
     return {int(step): float(s) for step, s in zip(earlier["step"][:rows], earlier["seconds"][:rows])}
 
 
+def training_step(model, optimizer, inputs: torch.Tensor, target: torch.Tensor, variant):
+    """One optimiser step on a batch: (loss, loss terms, model result), left on the device (nothing is read back
+    to the host, so the step does not wait for the device)."""
+    result = model(inputs, update_memory=True)
+    loss, terms = compute_loss(result, target, variant)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, terms, result
+
+
 def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant, profile, seed: int, epoch: int,
                 device, first_step: int, logged: Callable[[dict, float], None], monitor: UsageMonitor | None,
                 description: str) -> None:
@@ -193,15 +204,14 @@ def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant
         if variant.noise == "salt_pepper":  # denoising: noisy input, clean target
             inputs = salt_and_pepper(inputs, variant.noise_amount, noise_generator, variant.noise_rc2020_scaling)
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        result = model(inputs, update_memory=True)
-        loss, terms = compute_loss(result, target, variant)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, terms, result = training_step(model, optimizer, inputs, target, variant)
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums[name] + value.detach() if name in sums else value.detach()
         if result.nearest is not None:
-            counts = torch.bincount(result.nearest.flatten(), minlength=variant.memory_items)
+            # scatter_add, not bincount: on CUDA bincount reads its input's maximum back to the host every step
+            nearest = result.nearest.flatten()
+            counts = torch.zeros(variant.memory_items, dtype=torch.long, device=nearest.device).scatter_add_(
+                0, nearest, torch.ones_like(nearest))
             usage = counts if usage is None else usage + counts
         steps += 1
         if steps == profile.log_steps or index == len(loader) - 1:

@@ -1,0 +1,31 @@
+"""The benchmarks' own arithmetic: the flop count they divide by is the hand-computed one."""
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from benchmarks.train_speed import step_flops
+from models.output import ModelOutput
+
+
+class TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.second = nn.Conv2d(4, 1, 1, bias=False)
+
+    def forward(self, x, update_memory=False):
+        return ModelOutput(self.second(self.first(x)))
+
+
+def test_step_flops_counts_forward_and_backward_convolutions_by_hand():
+    model = TwoConvs()
+    inputs, target = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    variant = SimpleNamespace(family="mnad", compactness_weight=0, separateness_weight=0, uniform_weight=0)
+    optimizer = torch.optim.Adam(model.parameters())
+    pixels = 2 * 8 * 8                              # batch x output positions
+    first = 2 * (2 * 3 * 3) * 4 * pixels            # 2 flops per multiply-add, 18 per output channel and pixel
+    second = 2 * 4 * 1 * pixels
+    # backward: the first layer's input needs no gradient, so only its weight gradient (one forward's worth);
+    # the second layer needs both its input's and its weight's gradient
+    assert step_flops(model, optimizer, inputs, target, variant) == 2 * first + 3 * second == 39936
