@@ -10,11 +10,10 @@ data loading): forward, loss, backward, Adam. FLOPs per step are counted once wi
 (convolutions and matrix products, forward and backward; BatchNorm, activations and the optimiser count nothing,
 so the ratio is the share of the machine's matmul rate the counted arithmetic reaches).
 
-Settings (joined with "+"): baseline (pipeline.train's step: NCHW weights, foreach Adam), channels_last (the
-weights in the channels-last layout), compile (torch.compile of the model;
-its compile seconds are reported apart), batch=N (N samples per step instead of the profile's), threads=N (torch's
-intra-op threads). Two warm-up steps
-precede the timed ones.
+Settings (joined with "+"): baseline (pipeline.train's step: NCHW weights, fp32, foreach Adam), channels_last
+(the weights in the channels-last layout), compile (torch.compile of the model; its compile seconds are reported
+apart), bf16 (bf16 autocast, as profile.precision bf16), batch=N (N samples per step instead of the profile's),
+threads=N (torch's intra-op threads). Two warm-up steps precede the timed ones.
 """
 from __future__ import annotations
 
@@ -45,18 +44,18 @@ def step_flops(model, optimizer, inputs, target, variant) -> int:
 
 
 def parse_setting(setting: str) -> dict:
-    options = {"channels_last": False, "compile": False, "batch": None, "threads": None}
+    options = {"channels_last": False, "compile": False, "bf16": False, "batch": None, "threads": None}
     for part in setting.split("+"):
         if part == "baseline":
             continue
         if part.startswith(("batch=", "threads=")):
             key, value = part.split("=", 1)
             options[key] = int(value)
-        elif part in ("channels_last", "compile"):
+        elif part in ("channels_last", "compile", "bf16"):
             options[part] = True
         else:
-            raise SystemExit(f"--settings: unknown {part!r}; use baseline, channels_last, compile, batch=N, "
-                             f"threads=N")
+            raise SystemExit(f"--settings: unknown {part!r}; use baseline, channels_last, compile, bf16, "
+                             f"batch=N, threads=N")
     return options
 
 
@@ -83,18 +82,20 @@ def _measure(variant, profile, options: dict, batch: int, steps: int, device: to
     inputs, target = split_clip(clip, variant)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
     flops = step_flops(model, optimizer, inputs, target, variant)
+    precision = "bf16" if options["bf16"] else "fp32"
     compile_s = 0.0
     if options["compile"]:
         model = torch.compile(model)
         started = time.perf_counter()
-        training_step(model, optimizer, inputs, target, variant)
+        training_step(model, optimizer, inputs, target, variant, precision)
+        synchronize(device)
         compile_s = time.perf_counter() - started
     for _ in range(2):
-        training_step(model, optimizer, inputs, target, variant)
+        training_step(model, optimizer, inputs, target, variant, precision)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        training_step(model, optimizer, inputs, target, variant)
+        training_step(model, optimizer, inputs, target, variant, precision)
     synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     return {"variant": variant.name, "batch": batch, "ms_per_step": seconds * 1000,

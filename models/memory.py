@@ -91,6 +91,10 @@ class Memory(nn.Module):
         queries of column m ("official", the released code) or over the queries assigned to m ("paper", Eq. 5).
         Items no query chose stay exactly as they were.
         """
+        with torch.autocast(features.device.type, enabled=False):  # the written rule stays in the items' fp32
+            return self._update(features.to(self.items.dtype))
+
+    def _update(self, features: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = features.shape
         q = flatten_queries(F.normalize(features, dim=1))
         items = self.items

@@ -95,6 +95,9 @@ class Profile(Options):
     # The test-time update threshold: each variant's test_threshold (the papers' values), or a quantile of the
     # training frames' point scores under the trained model (evaluate.calibration_quantile): scoring only.
     update_threshold: Literal["paper", "calibrated"]
+    # bf16: the forward pass and losses under bf16 autocast (CUDA tensor cores, CPUs with AMX or AVX-512 bf16);
+    # faster, but the numbers differ from fp32's beyond float tolerance, so the papers' reproduction keeps fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
     families: dict[Literal["mnad", "memae"], FamilySettings] = {}
 
     def for_family(self, family: str) -> "Profile":

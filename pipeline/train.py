@@ -174,11 +174,13 @@ def _earlier_seconds(log_path: Path, rows: int) -> dict[int, float]:
     return {int(step): float(s) for step, s in zip(earlier["step"][:rows], earlier["seconds"][:rows])}
 
 
-def training_step(model, optimizer, inputs: torch.Tensor, target: torch.Tensor, variant):
+def training_step(model, optimizer, inputs: torch.Tensor, target: torch.Tensor, variant, precision: str = "fp32"):
     """One optimiser step on a batch: (loss, loss terms, model result), left on the device (nothing is read back
-    to the host, so the step does not wait for the device)."""
-    result = model(inputs, update_memory=True)
-    loss, terms = compute_loss(result, target, variant)
+    to the host, so the step does not wait for the device). `precision` "bf16" runs the forward pass and the
+    losses under bf16 autocast (the weights, gradients and optimiser stay fp32)."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        result = model(inputs, update_memory=True)
+        loss, terms = compute_loss(result, target, variant)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -204,7 +206,7 @@ def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant
         if variant.noise == "salt_pepper":  # denoising: noisy input, clean target
             inputs = salt_and_pepper(inputs, variant.noise_amount, noise_generator, variant.noise_rc2020_scaling)
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        loss, terms, result = training_step(model, optimizer, inputs, target, variant)
+        loss, terms, result = training_step(model, optimizer, inputs, target, variant, profile.precision)
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums[name] + value.detach() if name in sums else value.detach()
         if result.nearest is not None:

@@ -146,3 +146,11 @@ def test_the_training_options_leave_out_what_only_scores():
     options = variant.training_options()
     assert "alpha" not in options and "test_threshold" not in options and "name" not in options
     assert options["compactness_weight"] == 0.1 and options["skips"] is True
+
+
+def test_precision_is_fp32_by_default_and_names_its_choices(raw):
+    assert all(load_params().dataset(name).profile.precision == "fp32" for name in ("synthetic", "ped2"))
+    raw["datasets"]["ped2"]["profile"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=r"datasets.ped2.profile.precision: unknown value 'fp16'; "
+                                          r"valid: \['fp32', 'bf16'\]"):
+        parse_params(raw)

@@ -1,53 +1,25 @@
 """`dvc repro` in a temporary copy of the repository on the tiny profile, then the MLflow UI over its store."""
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
+from benchmarks.tiny_study import repro as run_repro, tiny_study_copy
 from pipeline.config import REPO_ROOT, load_params
-
-
-def repository_files():
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    return [name for name in listed if (REPO_ROOT / name).is_file()]
 
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     work = tmp_path_factory.mktemp("repo")
-    for name in repository_files():
-        if name.startswith("runs/") or name == "REPORT.md":
-            continue  # results of the default study: the copy must make its own
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["study"]["datasets"] = ["tiny"]
-    params["study"]["complex_datasets"] = []  # the *_complex twins are the same definitions (see below)
-    params["study"]["seeds"] = [0]
-    # the collapse study, two settings on a copy of the tiny dataset
-    params["datasets"]["tiny-collapse"] = params["datasets"]["tiny"]
-    params["collapse"] = {"seeds": 1, "datasets": ["tiny-collapse"],
-                          "settings": {"base": {"dataset": "tiny-collapse", "variant": "mnad-pred"},
-                                       "recon-no-skips": {"dataset": "tiny-collapse", "variant": "mnad-recon"}}}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=work, check=True, env=env)
+    env = tiny_study_copy(work)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=1800)
+    result = run_repro(work, env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     print(f"dvc repro on the tiny profile: {time.perf_counter() - started:.0f} s")
     return work, env

@@ -246,3 +246,19 @@ def test_fewer_clips_per_epoch_than_one_batch_is_a_clear_error(tiny_data, tmp_pa
         run("tiny", "ae-pred", 0, params_path=params_file(tmp_path, too_few), data_root=tiny_data,
             runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_bf16_precision_trains_under_autocast_with_an_fp32_memory_and_its_own_fingerprint(tiny_data, tmp_path):
+    def bf16(raw):
+        raw["datasets"]["tiny"]["profile"]["precision"] = "bf16"
+    run("tiny", "mnad-pred", 0, data_root=tiny_data, runs_root=tmp_path / "fp32")
+    run("tiny", "mnad-pred", 0, params_path=params_file(tmp_path, bf16), data_root=tiny_data,
+        runs_root=tmp_path / "bf16")
+    fp32, half = (load_checkpoint(run_dir("tiny", "mnad-pred", 0, tmp_path / name) / "checkpoint.pt")
+                  for name in ("fp32", "bf16"))
+    assert half["fingerprint"] != fp32["fingerprint"] and half["config"]["profile"]["precision"] == "bf16"
+    assert all(value.dtype in (torch.float32, torch.int64) for value in half["model"].values())
+    assert half["model"]["memory.items"].dtype == torch.float32
+    losses = [row["loss"] for row in half["log"]]
+    assert np.isfinite(losses).all() and losses != [row["loss"] for row in fp32["log"]]
+    assert losses[-1] < losses[0]
