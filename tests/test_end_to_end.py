@@ -98,11 +98,17 @@ def test_dvc_plots_overlay_the_variants_of_a_dataset(repro):
     shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout
     plots = json.loads(shown)["data"]
-    assert set(plots) == {"roc", "train_loss"}   # two overlays, not one plot per run
-    for [rendered] in plots.values():   # the template colours by variant and draws a panel per dataset
+    # four overlays, not one plot per run: ROC and loss per variant, and the collapse study's usage per setting
+    assert set(plots) == {"roc", "train_loss", "usage_entropy", "usage_top_share"}
+    for name in ("roc", "train_loss"):   # the template colours by variant and draws a panel per dataset
+        [rendered] = plots[name]
         content = rendered["content"]
         assert content["spec"]["encoding"]["color"]["field"] == "variant" and content["facet"]["row"]["field"] == \
             "dataset"
+    for name in ("usage_entropy", "usage_top_share"):
+        [rendered] = plots[name]
+        assert rendered["content"]["encoding"]["color"]["field"] == "setting"
+        assert {row["setting"] for row in rendered["content"]["data"]["values"]} == {"base", "recon-no-skips"}
     roc = pd.read_csv(work / "analysis" / "plots" / "roc.csv")
     study = load_params(work / "params.yaml").study
     assert set(roc["variant"]) == set(study.variants) | {"copy-last"} and set(roc["dataset"]) == {"tiny"}
