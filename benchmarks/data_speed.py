@@ -8,7 +8,8 @@ Per size, frames are rendered by pipeline.synthetic into a temporary folder in t
 
 - delivered: samples/s of a DataLoader built as pipeline.train.train_epoch builds it (ClipDataset, the epoch's
   seeded order as a Subset, batch size, num_workers, drop_last; a new loader per epoch), iterated without a model;
-  `first_batch_s` is the wait for its first batch (worker start-up included);
+  `first_batch_s` is a loader's wait for its first batch (worker start-up), `steady_samples_s` the rate without
+  those waits (the small folders here have short epochs, so start-up weighs more than on a real dataset);
 - consumed: samples/s of mnad-pred training steps (Adam, compute_loss) on random clips of the same shape;
 - ratio = delivered / consumed (target: at least 3).
 
@@ -88,21 +89,26 @@ def write_store(frames: Path, store: Path) -> None:
         np.save(store / f"{folder.name}.npy", array if array.ndim == 4 else array[..., None])
 
 
-def delivered(dataset, profile, workers: int, batches: int, device) -> tuple[float, float]:
-    """(samples/s over `batches` batches, seconds to the first batch), with loaders built like train_epoch's."""
+def delivered(dataset, profile, workers: int, batches: int, device) -> tuple[float, float, float]:
+    """Over `batches` batches from loaders built like train_epoch's (a new one per epoch): (samples/s, samples/s
+    after each loader's first batch, mean seconds to a loader's first batch)."""
     pool = list(range(len(dataset)))
-    done, epoch, first, started = 0, 0, None, time.perf_counter()
+    done, epoch, waits, started = 0, 0, [], time.perf_counter()
     while done < batches:
         loader = DataLoader(Subset(dataset, epoch_order(pool, profile.max_train_clips, 0, epoch)),
                             batch_size=profile.batch_size, shuffle=False, drop_last=True,
                             num_workers=workers, pin_memory=device.type == "cuda")
-        for _ in loader:
-            first = time.perf_counter() - started if first is None else first
+        opened = time.perf_counter()
+        for index, _ in enumerate(loader):
+            if index == 0:   # worker start-up: paid once per epoch, so it weighs more here than on a real set
+                waits.append(time.perf_counter() - opened)
             done += 1
             if done == batches:
                 break
         epoch += 1
-    return done * profile.batch_size / (time.perf_counter() - started), first
+    seconds = time.perf_counter() - started
+    steady = (done - len(waits)) * profile.batch_size / (seconds - sum(waits))
+    return done * profile.batch_size / seconds, steady, sum(waits) / len(waits)
 
 
 def consumed(variant, profile, device, max_steps: int, seconds: float = 5.0) -> float:
@@ -157,10 +163,10 @@ def measure(name: str, dataset: Dataset, variant, args, device, work: Path, cont
     for store, dataset_ in stores.items():
         # the PNG loader at the profile's setting is what training uses; the store comparison adds 0 workers too
         for workers in sorted({profile.num_workers} | ({0} if name == "paper" else set())):
-            rate, first = delivered(dataset_, profile, workers, args.batches, device)
+            rate, steady, first = delivered(dataset_, profile, workers, args.batches, device)
             rows.append({"size": name, "frame": shape, "window": variant.window, "batch": profile.batch_size,
-                         "store": store, "workers": workers, "samples_s": rate, "first_batch_s": first,
-                         "train_samples_s": train_rate, "ratio": rate / train_rate})
+                         "store": store, "workers": workers, "samples_s": rate, "steady_samples_s": steady,
+                         "first_batch_s": first, "train_samples_s": train_rate, "ratio": rate / train_rate})
     return rows
 
 
