@@ -269,11 +269,6 @@ def learning_curve_table(path: Path) -> str:
                   "spatial", "temporal", "spatio-temporal", "MemAE zero rows"], rows)
 
 
-# What each collapse-study setting changes from `base` (params.yaml collapse.settings), for the tables.
-FACTORS = {"base": "— (skips, 8 scenes, 4x4 queries)", "recon-no-skips": "task and skips: reconstruction, no skips",
-           "pred-no-skips": "skips: none", "query-map-8x8": "query map: 8x8 (64 px frames)",
-           "one-scene": "scenes: one plain scene", "memory-losses-x10": "memory losses: weights x10",
-           "update-norm-paper": "update_norm: paper", "uniform-loss": "uniform usage loss (RC2020's fix)"}
 # A stated GPU rate for the estimate of the papers' ShanghaiTech study (no GPU measured here): sustained fp32
 # training throughput of an H100/H200-class GPU on MNAD at 256 px, in samples per second.
 GPU_SAMPLES_PER_SECOND = 60.0
@@ -292,7 +287,8 @@ def collapse_section(results: Results) -> str:
     for setting, runs in final.groupby("setting", sort=False):
         collapsed = int((runs["top_share"] >= share).sum())
         steps = runs["collapse_step"].dropna()
-        rows.append([setting, FACTORS.get(setting, "(see params.yaml)"), f"{len(runs)}", f"{runs['steps'].max()}",
+        factor = params.collapse.settings[setting].factor if setting in params.collapse.settings else ""
+        rows.append([setting, factor or "(see params.yaml)", f"{len(runs)}", f"{runs['steps'].max()}",
                      f"{runs['top_share'].min():.0%}–{runs['top_share'].max():.0%}", f"{collapsed} of {len(runs)}",
                      f"{int(steps.min())}" if len(steps) else "never", f"{runs['entropy'].mean():.2f}",
                      f"{runs['entropy_slope'].mean():+.2f} ± {runs['entropy_slope_error'].mean():.2f}",
@@ -351,11 +347,14 @@ def collapse_conclusions(final: pd.DataFrame, share: float) -> list[str]:
 
 
 def shanghaitech_command(params: Params) -> list[str]:
-    """The command that runs the collapse study's settings on ShanghaiTech at the papers' settings (the frame-size
-    and scene-count factors do not apply to a real dataset and are dropped), and its GPU hours at a stated rate."""
+    """The command that runs the collapse study's settings on ShanghaiTech at the papers' settings, and its GPU
+    hours at a stated rate. Settings on another dataset than base's vary the data itself (frame size, scenes),
+    which a real dataset fixes: they are dropped."""
     dataset = params.dataset("shanghaitech")
     profile = dataset.profile
-    fixed = {"query-map-8x8", "one-scene"}   # a real dataset has one frame size and its own scenes
+    settings = params.collapse.settings
+    base_dataset = settings["base"].dataset if "base" in settings else None
+    fixed = {name for name, setting in settings.items() if setting.dataset != base_dataset}
     kept = [name for name in params.collapse.settings if name not in fixed]
     steps_per_epoch = 274_515 // profile.batch_size          # every training frame, MNAD's epochs
     samples = profile.epochs * steps_per_epoch * profile.batch_size

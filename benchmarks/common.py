@@ -59,6 +59,11 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5, dtyp
     return 2 * size ** 3 / best / 1e9
 
 
+def folder_mb(folder: Path, pattern: str = "*") -> float:
+    """Size on disk of the files under `folder` matching `pattern`."""
+    return sum(p.stat().st_size for p in folder.rglob(pattern) if p.is_file()) / 2 ** 20
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,7 +10,7 @@ Per size, frames are rendered by pipeline.synthetic into a temporary folder in t
   seeded order as a Subset, batch size, num_workers, drop_last; a new loader per epoch), iterated without a model;
   `first_batch_s` is a loader's wait for its first batch (worker start-up), `steady_samples_s` the rate without
   those waits (the small folders here have short epochs, so start-up weighs more than on a real dataset);
-- consumed: samples/s of mnad-pred training steps (Adam, compute_loss) on random clips of the same shape;
+- consumed: samples/s of mnad-pred training steps on random clips of the same shape (benchmarks/train_speed.py);
 - ratio = delivered / consumed (target: at least 3).
 
 At the paper size the same loader also reads a uint8 frame store (one [frames, H, W, C] .npy per video, opened
@@ -32,10 +32,8 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import matmul_gflops, peak_rss_mb, report  # noqa: E402
-from models.build import build_model  # noqa: E402
-from models.clips import split_clip  # noqa: E402
-from models.losses import compute_loss  # noqa: E402
+from benchmarks.common import folder_mb, matmul_gflops, peak_rss_mb, report  # noqa: E402
+from benchmarks.train_speed import measure as training_speed  # noqa: E402
 from pipeline.config import Dataset, load_params  # noqa: E402
 from pipeline.data import ClipDataset, clip_dataset  # noqa: E402
 from pipeline.device import compute_device  # noqa: E402
@@ -111,36 +109,6 @@ def delivered(dataset, profile, workers: int, batches: int, device) -> tuple[flo
     return done * profile.batch_size / seconds, steady, sum(waits) / len(waits)
 
 
-def consumed(variant, profile, device, max_steps: int, seconds: float = 5.0) -> float:
-    """Training samples/s of `variant` at the profile's size: 2 warm-up steps, then timed steps until `seconds`
-    have passed (at least 2, at most `max_steps`)."""
-    torch.manual_seed(0)
-    model = build_model(variant, profile).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=profile.lr, foreach=True)   # as pipeline.train
-    shape = (profile.batch_size, variant.window, profile.channels, profile.frame_size, profile.frame_size)
-    inputs, target = split_clip(torch.rand(shape, device=device) * 2 - 1, variant)
-
-    def step() -> None:
-        loss, _ = compute_loss(model(inputs, update_memory=True), target, variant)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(2):
-        step()
-    steps, started = 0, time.perf_counter()
-    while steps < 2 or (steps < max_steps and time.perf_counter() - started < seconds):
-        step()
-        steps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return steps * profile.batch_size / (time.perf_counter() - started)
-
-
-def folder_mb(path: Path, pattern: str) -> float:
-    return sum(p.stat().st_size for p in path.rglob(pattern)) / 2 ** 20
-
-
 def measure(name: str, dataset: Dataset, variant, args, device, work: Path, context: dict) -> list[dict]:
     profile = dataset.profile
     frames = work / name
@@ -157,7 +125,7 @@ def measure(name: str, dataset: Dataset, variant, args, device, work: Path, cont
         for index in (0, len(clips) // 2, len(clips) - 1):
             if not torch.equal(clips[index]["clip"], stores["npy"][index]["clip"]):
                 raise SystemExit(f"{name}: the uint8 store's clip {index} differs from the PNGs'")
-    train_rate = consumed(variant, profile, device, args.steps)
+    train_rate = training_speed(variant, profile, "baseline", args.steps, device)["samples_per_s"]
     shape = f"{profile.frame_size}x{profile.frame_size}x{profile.channels}"
     rows = []
     for store, dataset_ in stores.items():

@@ -71,11 +71,8 @@ def scaled_params(params_path: Path, dataset: str, option: str, factor: int, out
     return out, source[option]
 
 
-def folder_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
-
-
 def measure(args, work: Path) -> list[dict]:
+    from benchmarks.common import folder_mb
     from pipeline.config import load_params
     from pipeline.paths import frames_dir
     from pipeline.prepare import prepare

@@ -33,7 +33,7 @@ def repository_files() -> list[str]:
 def tiny_study_copy(work: Path) -> dict[str, str]:
     """Fill `work` with the tiny-study copy, committed; returns the environment its stages run in."""
     for name in repository_files():
-        if name.startswith("runs/") or name == "REPORT.md":
+        if name.startswith(("runs/", "metrics/")) or name == "REPORT.md":
             continue  # results of the default study: the copy must make its own
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, work / name)

@@ -279,6 +279,7 @@ class Study(Options):
 class CollapseSetting(Options):
     dataset: StrictStr
     variant: StrictStr
+    factor: StrictStr = ""   # what it changes from the base setting, for the report
 
 
 class Collapse(Options):

@@ -5,7 +5,7 @@ Each run (one seed) trains the variant (a no-op when runs/<dataset>/<variant>/se
 its training fingerprint matches: an evaluation-only change never retrains; an interrupted training resumes), then
 evaluates it; the learning gate (pipeline.gate) goes into its metrics.json beside the AUCs. Training and evaluation
 go into one MLflow run per seed, started afresh (pipeline.tracking), so its duration is that run's work. `copy-last`
-has nothing to train and is only evaluated. The stage also writes runs/<dataset>/<variant>.metrics.json, every
+has nothing to train and is only evaluated. The stage also writes metrics/<dataset>/<variant>.json, every
 seed's metrics in one file: the one DVC declares as metrics and git keeps.
 
 The seeds of a variant share one stage (one process): they always change together, and a stage costs seconds of
@@ -26,7 +26,7 @@ from pipeline.device import compute_device
 from pipeline.errors import exit_cleanly
 from pipeline.gate import learning_gate
 from pipeline.io import write_json
-from pipeline.paths import frames_dir, run_dir
+from pipeline.paths import frames_dir, run_dir, variant_metrics_path
 
 
 def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
@@ -87,7 +87,8 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
 
 
 def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = None, params_path: Path | None = None,
-              data_root: Path | None = None, runs_root: Path | None = None) -> dict[int, dict]:
+              data_root: Path | None = None, runs_root: Path | None = None,
+              metrics_root: Path | None = None) -> dict[int, dict]:
     """Every run of a variant (study.seeds, or `seeds`); removes the folders of seeds the study no longer has and
     writes the variant's metrics file. Returns the metrics per seed."""
     params = load_params(params_path)
@@ -104,7 +105,8 @@ def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = No
         print(f"{dataset_name} {variant_name} seed {seed}: {results[seed]['headline']} micro AUC "
               f"{headline['auc_micro']:.4f}" + (f", learnt: {results[seed]['gate']['learnt']}"
                                                if "gate" in results[seed] else ""))
-    write_json(variant_dir.parent / f"{variant_name}.metrics.json", {f"seed{s}": m for s, m in results.items()})
+    write_json(variant_metrics_path(dataset_name, variant_name, metrics_root),
+               {f"seed{s}": m for s, m in results.items()})
     return results
 
 

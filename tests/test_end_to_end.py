@@ -45,11 +45,12 @@ def test_repro_writes_metrics_for_every_variant(repro):
     for variant in (*study.variants, "copy-last"):
         metrics = json.loads((work / "runs" / "tiny" / variant / "seed0" / "metrics.json").read_text())
         assert 0.0 <= metrics["without_update"]["auc_micro"] <= 1.0, variant
-        tracked = json.loads((work / "runs" / "tiny" / f"{variant}.metrics.json").read_text())
+        tracked = json.loads((work / "metrics" / "tiny" / f"{variant}.json").read_text())
         assert tracked == {"seed0": metrics}   # the file DVC declares as metrics and git keeps
-    ignored = subprocess.run(["git", "check-ignore", "runs/tiny/mnad-pred.metrics.json",
+    ignored = subprocess.run(["git", "check-ignore", "metrics/tiny/mnad-pred.json", "runs/tiny/mnad-pred/seed0/metrics.json",
                               "runs/tiny/mnad-pred/seed0/checkpoint.pt"], cwd=work, capture_output=True, text=True)
-    assert ignored.stdout.split() == ["runs/tiny/mnad-pred/seed0/checkpoint.pt"]
+    assert ignored.stdout.split() == ["runs/tiny/mnad-pred/seed0/metrics.json",
+                                      "runs/tiny/mnad-pred/seed0/checkpoint.pt"]   # runs/ is DVC's alone
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=work, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout  # everything up to date after one repro
 

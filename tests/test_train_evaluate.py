@@ -141,9 +141,10 @@ def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_se
     stale = run_dir("tiny", "ae-pred", 7, tmp_path)
     stale.mkdir(parents=True)
     (stale / "metrics.json").write_text("{}")
-    results = run_seeds("tiny", "ae-pred", [0, 1], data_root=tiny_data, runs_root=tmp_path)
+    results = run_seeds("tiny", "ae-pred", [0, 1], data_root=tiny_data, runs_root=tmp_path,
+                        metrics_root=tmp_path / "metrics")
     assert sorted(results) == [0, 1] and not stale.exists()
-    tracked = json.loads((tmp_path / "tiny" / "ae-pred.metrics.json").read_text())
+    tracked = json.loads((tmp_path / "metrics" / "tiny" / "ae-pred.json").read_text())
     assert tracked == {f"seed{s}": json.loads((run_dir("tiny", "ae-pred", s, tmp_path) / "metrics.json").read_text())
                        for s in (0, 1)}
     # a seed trained in the same process as another equals one trained alone
