@@ -5,8 +5,8 @@ config, its fingerprint, the per-epoch losses): no wall-clock, so two runs with 
 bytes, and it loads with `torch.load(weights_only=True)`, which runs no code from the file.
 
 The fingerprint hashes exactly what determines the trained weights: the seed, the variant's training options, the
-profile's training options (not num_workers, log_steps, update_threshold), the frames (their manifest, written by prepare) and the
-training code. Evaluation-only options (alpha, the update threshold, evaluate.*) are not in it, so changing them
+profile's training options (not num_workers, log_steps, update_threshold, concurrent_runs), the frames (their
+manifest, written by prepare) and the training code. Evaluation-only options (alpha, the update threshold, evaluate.*) are not in it, so changing them
 never retrains.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pipeline.io import atomic_path
 
 # The code whose change can change trained weights: the networks and losses, the loop and the clip loader.
 TRAINING_CODE = ("models", "pipeline/train.py", "pipeline/data.py")
-# Profile options that do not change the weights: loader processes, logging, how evaluation sets its threshold.
-PROFILE_NOT_TRAINING = ("num_workers", "log_steps", "update_threshold", "families")
+# Profile options that do not change the weights: loader processes, logging, how evaluation sets its threshold,
+# how many runs go side by side.
+PROFILE_NOT_TRAINING = ("num_workers", "log_steps", "update_threshold", "families", "concurrent_runs")
 
 
 def code_digest() -> str:

@@ -98,7 +98,20 @@ class Profile(Options):
     # bf16: the forward pass and losses under bf16 autocast (CUDA tensor cores, CPUs with AMX or AVX-512 bf16);
     # faster, but the numbers differ from fp32's beyond float tolerance, so the papers' reproduction keeps fp32
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch's CPU threads for each run (0 = torch's default, one per core); kept in the training fingerprint,
+    # since a thread count can change the order of float sums. Small networks gain little from a second core.
+    threads: Annotated[StrictInt, rule(lambda v: v >= 0, "must be 0 (one per core) or more, got {value}")] = 0
+    # How many of a stage's seeds run side by side, each in its own process with `threads` threads: speed only
+    # (a run's numbers do not depend on what runs beside it).
+    concurrent_runs: Count = 1
     families: dict[Literal["mnad", "memae"], FamilySettings] = {}
+
+    @model_validator(mode="after")
+    def _threads_per_run(self):
+        if self.concurrent_runs > 1 and self.threads == 0:
+            raise ValueError(f"concurrent_runs {self.concurrent_runs} needs threads set (e.g. 1): runs side by "
+                             f"side that each take every core slow each other down")
+        return self
 
     def for_family(self, family: str) -> "Profile":
         """This profile with `family`'s own settings applied (the one every run of that family trains with)."""

@@ -29,6 +29,7 @@ from models.noise import salt_and_pepper
 from pipeline import checkpoint as ckpt
 from pipeline.config import Dataset, Variant
 from pipeline.data import clip_dataset
+from pipeline.device import use_threads
 from pipeline.errors import UserError
 from pipeline.io import write_csv
 from pipeline.metrics import UsageAccumulator, usage_stats
@@ -104,6 +105,7 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
     checkpoint_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.csv"
     config = ckpt.training_config(dataset, variant, seed, frames)
     fingerprint = ckpt.fingerprint(config)
+    use_threads(profile.threads)   # before anything computes: the count is part of the fingerprint
     seed_everything(seed)
     train_set = clip_dataset(frames, "train", variant)
     key = f"datasets.{dataset.name}.profile"

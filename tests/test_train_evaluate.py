@@ -153,6 +153,38 @@ def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_se
         (run_dir("tiny", "ae-pred", 1, tmp_path / "alone") / "checkpoint.pt").read_bytes()
 
 
+def test_seeds_side_by_side_equal_seeds_in_turn_and_log_one_mlflow_run_each(tiny_data, tmp_path):
+    def one_thread(folder, side_by_side):
+        def edit(raw):
+            raw["datasets"]["tiny"]["profile"].update(threads=1, concurrent_runs=side_by_side)
+        (tmp_path / folder).mkdir()
+        return params_file(tmp_path / folder, edit)
+    in_turn, together = one_thread("turn", 1), one_thread("together", 2)
+    first = run_seeds("tiny", "mnad-pred", [0, 1], in_turn, tiny_data, tmp_path / "turn", tmp_path / "turn")
+    second = run_seeds("tiny", "mnad-pred", [0, 1], together, tiny_data, tmp_path / "together",
+                       tmp_path / "together")
+    assert first == second and first[0] != first[1]
+    for seed in (0, 1):   # the process a run went to changes no byte it writes
+        for name in ("checkpoint.pt", "metrics.json", "scores.csv"):
+            assert (run_dir("tiny", "mnad-pred", seed, tmp_path / "turn") / name).read_bytes() == \
+                (run_dir("tiny", "mnad-pred", seed, tmp_path / "together") / name).read_bytes()
+    client = tracking.client()
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    for seed in (0, 1):
+        runs = client.search_runs([experiment], filter_string=f"tags.variant = 'mnad-pred' and tags.seed = '{seed}'")
+        assert [r.info.status for r in runs] == ["FINISHED"]   # the second execution replaced the first's
+        assert runs[0].data.metrics["auc_micro"] == first[seed]["with_update"]["auc_micro"]
+    parents = client.search_runs([experiment], filter_string=f"tags.`{tracking.ROLE_TAG}` = '{tracking.STUDY_RUN}'")
+    assert len(parents) == 1
+
+
+def test_runs_side_by_side_need_a_thread_count(tmp_path):
+    def edit(raw):
+        raw["datasets"]["tiny"]["profile"]["concurrent_runs"] = 2
+    with pytest.raises(UserError, match=r"datasets.tiny.profile: .*concurrent_runs 2 needs threads set"):
+        load_params(params_file(tmp_path, edit))
+
+
 def test_copy_last_is_evaluated_without_a_checkpoint(tiny_data, tmp_path):
     metrics = run("tiny", "copy-last", 0, data_root=tiny_data, runs_root=tmp_path)
     assert "with_update" not in metrics and not (run_dir("tiny", "copy-last", 0, tmp_path) / "checkpoint.pt").exists()
