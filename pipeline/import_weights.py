@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
-import hashlib
 import pickle
 import re
 import struct
@@ -51,6 +50,7 @@ from models.build import build_model
 from pipeline import checkpoint, evaluate, tracking
 from pipeline.config import REPO_ROOT, load_params
 from pipeline.device import compute_device
+from pipeline.download import sha256_of
 from pipeline.errors import UserError, exit_cleanly
 from pipeline.io import write_json
 from pipeline.paths import frames_dir
@@ -104,14 +104,6 @@ def _refused(message: str) -> str | None:
     found = re.search(r"(?:call reduce for unrecognized function|allowlisted via `add_safe_globals`,? but got) (.+)",
                       message)
     return found.group(1).strip() if found else None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_file(path: Path, what: str):
@@ -327,9 +319,9 @@ def import_weights(dataset_name: str, variant_name: str, weights: Path, keys: Pa
     model = build_model(variant, dataset.training_profile(variant))
     target = f"variant {variant_name} on {dataset_name}"
     model.load_state_dict(map_state(reference, model.state_dict(), memory, weights, target))
-    sources = {"weights": str(weights), "weights_sha256": sha256(weights)}
+    sources = {"weights": str(weights), "weights_sha256": sha256_of(Path(weights))}
     if keys is not None:
-        sources |= {"keys": str(keys), "keys_sha256": sha256(keys)}
+        sources |= {"keys": str(keys), "keys_sha256": sha256_of(Path(keys))}
     return model.eval(), sources
 
 
