@@ -11,6 +11,8 @@ Prints the wall time and the device the stages computed on.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import os
 import shutil
 import subprocess
@@ -42,7 +44,9 @@ def tiny_study_copy(work: Path) -> dict[str, str]:
     params["study"]["complex_datasets"] = []  # the *_complex twins are the same definitions
     params["study"]["seeds"] = [0]
     # the collapse study, two settings on a copy of the tiny dataset
-    params["datasets"]["tiny-collapse"] = params["datasets"]["tiny"]
+    # a copy, not the same object: yaml would write it as an alias of tiny's, and `dvc exp run -S` on a key inside
+    # an aliased mapping is silently lost
+    params["datasets"]["tiny-collapse"] = copy.deepcopy(params["datasets"]["tiny"])
     params["collapse"] = {"seeds": 1, "datasets": ["tiny-collapse"],
                           "settings": {"base": {"dataset": "tiny-collapse", "variant": "mnad-pred"},
                                        "recon-no-skips": {"dataset": "tiny-collapse", "variant": "mnad-recon"}}}
@@ -57,6 +61,17 @@ def tiny_study_copy(work: Path) -> dict[str, str]:
 def repro(work: Path, env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def study_results(work: Path) -> dict[str, str]:
+    """What a finished study wrote that must not depend on how it got there: every metrics file and REPORT.md (text),
+    and every run's checkpoint.pt, scores.csv and metrics.json (sha256), by path relative to `work`."""
+    results = {path.relative_to(work).as_posix(): path.read_text()
+               for path in [*sorted((work / "metrics").rglob("*.json")), work / "REPORT.md"]}
+    for path in sorted((work / "runs").rglob("*")):
+        if path.name in ("checkpoint.pt", "scores.csv", "metrics.json"):
+            results[path.relative_to(work).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return results
 
 
 def main() -> int:

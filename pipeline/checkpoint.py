@@ -11,9 +11,13 @@ never retrains.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import pickle
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,11 @@ TRAINING_CODE = ("models", "pipeline/train.py", "pipeline/data.py")
 # Profile options that do not change the weights: loader processes, logging, how evaluation sets its threshold,
 # how many runs go side by side.
 PROFILE_NOT_TRAINING = ("num_workers", "log_steps", "update_threshold", "families", "concurrent_runs")
+# How torch's weights-only unpickler words a refusal of a global (a class or function the file would need).
+_NEEDS_CODE = re.compile(r"was not an allowed global|whose module \S+ is blocked|must be \S+ to load")
+# The parts of a training config, as a refusal names them.
+CONFIG_PARTS = {"dataset": "dataset", "variant": "variant options", "profile": "profile datasets.{dataset}.profile",
+                "data": "frames", "code": "training code", "seed": "seed"}
 
 
 def code_digest() -> str:
@@ -71,7 +80,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write `state` atomically, as the same bytes whenever its values are the same."""
     # Through a file object: given a path, torch names the archive's root folder after the (temporary) file name.
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(_interned(state), handle)
+        try:
+            torch.save(_interned(state), handle)
+        except RuntimeError as exc:
+            # A failed write (a full disk) makes torch's writer fail again as it closes, and that RuntimeError
+            # hides the OSError: raise the OSError, which atomic_path words for the user.
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
 
 
 def _interned(value: Any) -> Any:
@@ -91,24 +107,93 @@ def _interned(value: Any) -> Any:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, on the CPU (the caller moves what it needs)."""
-    if not Path(path).exists():
+    """A checkpoint's contents, on the CPU (the caller moves what it needs). A file torch cannot read (truncated by
+    a full disk or a copy cut short, or not a checkpoint at all) is a UserError, never torch's traceback."""
+    path = Path(path)
+    if not path.exists():
         raise UserError(f"checkpoint {path} not found; run its stage first (`dvc repro`)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    fix = "delete it and rerun its run stage (`dvc repro`) to train it again"
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is truncated or corrupt (the file is empty); {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if _NEEDS_CODE.search(text):   # a sound pickle, but loading it would need code (a class) from elsewhere
+            raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, so it is not a "
+                            f"checkpoint this harness wrote and is not loaded (it could run code); {fix}") from None
+        inner = re.search(r"WeightsUnpickler error:\s*(.+)", text)   # torch wraps the unpickler's own words
+        detail = f"UnpicklingError: {inner.group(1).strip()}" if inner else _first_line(exc)
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({detail}); {fix}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            zipfile.BadZipFile) as exc:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); {fix}") from None
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EISDIR):
+            raise UserError(f"cannot read checkpoint {path}: {exc.strerror or exc}; make it a file this user can "
+                            f"read") from None
+        # torch reports some cut zip files as a failed seek (EINVAL)
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"checkpoint {path} is not a checkpoint of this harness (no model weights in it); {fix}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and first sentence (torch's zip reader appends a paragraph of advice)."""
+    text = str(exc).strip().splitlines()
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def mismatch(stored: Any, expected: dict[str, Any], dataset: str) -> list[str]:
+    """What differs between the training config a checkpoint holds and the current one, part by part, in words."""
+    if not isinstance(stored, dict):
+        return ["options: it holds no training config (written by another version of this harness)"]
+    differences = []
+    keys = [k for k in CONFIG_PARTS if k in stored or k in expected]
+    for key in keys + sorted((set(stored) | set(expected)) - set(keys)):
+        have, want = stored.get(key), expected.get(key)
+        if have == want:
+            continue
+        name = CONFIG_PARTS.get(key, key).format(dataset=dataset)
+        if key == "data":
+            differences.append(f"{name} ({dataset}'s frames were prepared anew since: their manifest.json or "
+                               f"labels.csv differ)")
+        elif key == "code":
+            differences.append(f"{name} ({', '.join(TRAINING_CODE)} changed since it was trained)")
+        elif isinstance(have, dict) and isinstance(want, dict):
+            keys = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+            shown = ", ".join(f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in keys[:4])
+            differences.append(f"{name} (checkpoint -> now: {shown}{', ...' if len(keys) > 4 else ''})")
+        else:
+            differences.append(f"{name} ({have!r} in the checkpoint, {want!r} now)")
+    return differences
 
 
 def load_trained_model(path: Path, dataset: Dataset, variant: Variant, seed: int, frames_dir: Path,
                        device: torch.device):
     """The trained network of a finished checkpoint, built from the current params, in eval mode on `device`.
-    A checkpoint whose fingerprint or epoch count does not match the current params is refused: its weights
-    belong to other options, data or code."""
+    A checkpoint whose fingerprint or epoch count does not match the current params is refused, with what differs:
+    its weights belong to other options, data or code, or its training did not finish."""
     from models.build import build_model
 
     state = load_checkpoint(path)
-    expected = fingerprint(training_config(dataset, variant, seed, frames_dir))
-    if state.get("fingerprint") != expected or state.get("epoch") != dataset.training_profile(variant).epochs:
-        raise UserError(f"checkpoint {path} does not match params.yaml (trained with other options, frames or "
-                        f"code, or unfinished); rerun its run stage with `dvc repro`")
+    config = training_config(dataset, variant, seed, frames_dir)
+    epochs = dataset.training_profile(variant).epochs
+    if state.get("fingerprint") != fingerprint(config):
+        differences = mismatch(state.get("config"), config, dataset.name) or [
+            "fingerprint, though its config matches (written by another version of this harness)"]
+        raise UserError(f"checkpoint {path} does not match params.yaml: it was trained with other "
+                        f"{'; other '.join(differences)}; rerun its run stage (`dvc repro`) to train it again")
+    if state.get("epoch") != epochs:
+        raise UserError(f"checkpoint {path} does not match params.yaml: unfinished, it holds {state.get('epoch')} of "
+                        f"the {epochs} epochs (its training was interrupted); rerun its run stage (`dvc repro`) to "
+                        f"finish it")
     model = build_model(variant, dataset.training_profile(variant))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:   # the config matched, so the file's weights were damaged or edited
+        raise UserError(f"checkpoint {path}: its weights do not fit the {variant.name} network "
+                        f"({_first_line(exc)}); delete it and rerun its run stage (`dvc repro`)") from None
     return model.to(device).eval()

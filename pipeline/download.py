@@ -15,6 +15,8 @@ Every failure ends in one UserError naming the URL or file, what went wrong (exp
 mismatch) and how to place the archive by hand.
 
 Only the standard library's urllib is used, so proxies configured in the environment (http_proxy, ...) apply.
+Downloads come only from the URLs in params.yaml and only over http or https: any other scheme (file:, ftp:,
+data:, ...) is refused before anything is fetched, and so is a redirect to one.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import re
 import shutil
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +41,7 @@ CHUNK_BYTES = 1 << 20
 MAX_ATTEMPTS_PER_URL = 5        # a connection that breaks mid-way is resumed this often (each try must make progress)
 USER_AGENT = "memvad-downloader/1.0 (python urllib)"
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+ALLOWED_SCHEMES = ("http", "https")
 
 
 class _DownloadFailed(Exception):
@@ -118,6 +122,44 @@ def _check_archive_entry(archive: Archive, params_key: str) -> None:
     if not _SHA256_PATTERN.match(archive.sha256.lower()):
         raise UserError(f"params.yaml: {params_key}.sha256: {archive.sha256!r} is not a sha256 (64 hex digits); "
                         f"compute it with `sha256sum {name}`")
+    for i, url in enumerate(archive.urls):
+        problem = url_problem(url)
+        if problem:
+            raise UserError(f"params.yaml: {params_key}.urls[{i}]: {url!r} {problem}; downloads come only over "
+                            f"http or https: give an http(s) URL, or set {params_key}.local_path to a file you "
+                            f"already have")
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` may not be downloaded from (None: an http or https URL with a host)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        return f"has the scheme {parts.scheme + ':' if parts.scheme else '(none)'}"
+    if not parts.hostname:
+        return "names no host"
+    return None
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https only (urllib's own handler also follows one to ftp:)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        problem = url_problem(newurl)
+        if problem:
+            raise _DownloadFailed(f"the server redirected to {newurl!r}, which {problem}; only http and https "
+                                  f"are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's default opener less its file:, ftp: and data: handlers, redirects within http(s); built per request,
+    so that the proxies are the environment's at that moment."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirects(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
 
 
 def _how_to_place_by_hand(archive: Archive, raw_dir: Path, params_key: str) -> str:
@@ -180,7 +222,7 @@ def _one_request(url: str, part: Path, offset: int) -> int | None:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        response = _opener().open(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             # Range not satisfiable: the .part is already whole (or longer than the file); the checksum decides.

@@ -6,7 +6,9 @@ its training fingerprint matches: an evaluation-only change never retrains; an i
 evaluates it; the learning gate (pipeline.gate) goes into its metrics.json beside the AUCs. Training and evaluation
 go into one MLflow run per seed, started afresh (pipeline.tracking), so its duration is that run's work. `copy-last`
 has nothing to train and is only evaluated. The stage also writes metrics/<dataset>/<variant>.json, every
-seed's metrics in one file: the one DVC declares as metrics and git keeps.
+seed's metrics in one file: the one DVC declares as metrics and git keeps. The outputs never wait on MLflow: a store
+that stays locked or is corrupt turns a run's logging off, and once every output is written the stage exits with one
+message that says so (pipeline.tracking); its rerun then only re-evaluates.
 
 The seeds of a variant share one stage: they always change together, and a stage costs seconds of start-up
 (torch, MLflow) and of DVC's bookkeeping that the seeds then pay once. They run one after another in the stage's
@@ -27,7 +29,7 @@ from models.build import build_model
 from pipeline import checkpoint, evaluate, tracking, train
 from pipeline.config import load_params
 from pipeline.device import compute_device
-from pipeline.errors import exit_cleanly
+from pipeline.errors import UserError, exit_cleanly
 from pipeline.gate import learning_gate
 from pipeline.io import write_json
 from pipeline.paths import frames_dir, run_dir, variant_metrics_path
@@ -36,13 +38,28 @@ from pipeline.paths import frames_dir, run_dir, variant_metrics_path
 def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
         data_root: Path | None = None, runs_root: Path | None = None, stop_after_epoch: int | None = None) -> dict:
     """One run: train and evaluate one seed; returns its metrics (empty when `stop_after_epoch` interrupted the
-    training)."""
+    training). An MLflow store that is locked or corrupt does not stop it: its outputs are written, then the
+    StoreUnavailable is raised."""
+    metrics, problem = _run(dataset_name, variant_name, seed, params_path, data_root, runs_root, stop_after_epoch)
+    if problem is not None:
+        raise problem
+    return metrics
+
+
+def _run(dataset_name: str, variant_name: str, seed: int, params_path: Path | None = None,
+         data_root: Path | None = None, runs_root: Path | None = None, stop_after_epoch: int | None = None,
+         track: bool = True) -> tuple[dict, tracking.StoreUnavailable | None]:
+    """`run`, returning (metrics, the MLflow store's problem or None) instead of raising the problem: the stage
+    reports it after writing the variant's metrics. With `track` False it logs nothing (the stage found the store
+    unavailable already)."""
     params = load_params(params_path)
     dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
     frames = frames_dir(dataset_name, data_root)
     out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
     device = compute_device()
-    with tracking.Run(dataset_name, variant_name, seed) as mlflow_run:
+    # Every MLflow call below is a no-op once the store has failed (keep_going): the run's outputs never wait on it.
+    mlflow_run = tracking.Run(dataset_name, variant_name, seed, keep_going=True) if track else tracking.offline()
+    with mlflow_run:
         # DVC names the stage that runs this command in DVC_STAGE; by hand there is none
         mlflow_run.set_tags({**tracking.environment_tags(device.type), "dvc_stage": os.environ.get("DVC_STAGE", "-"),
                              "eval.nan_policy": params.evaluate.nan_policy,
@@ -63,7 +80,7 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
             mlflow_run.log_artifact(out_dir / "train_log.csv")
             if training.epochs < dataset.training_profile(variant).epochs:   # interrupted: nothing to evaluate yet
                 mlflow_run.finish("KILLED")
-                return {}
+                return {}, mlflow_run.problem
             model = checkpoint.load_trained_model(training.checkpoint, dataset, variant, seed, frames, device)
         else:
             model = build_model(variant, dataset.training_profile(variant)).to(device).eval()
@@ -87,14 +104,15 @@ def run(dataset_name: str, variant_name: str, seed: int, params_path: Path | Non
         for name in ("scores.csv", "roc.csv", "metrics.json"):
             mlflow_run.log_artifact(out_dir / name)
         mlflow_run.finish()
-    return metrics
+    return metrics, mlflow_run.problem
 
 
 def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = None, params_path: Path | None = None,
               data_root: Path | None = None, runs_root: Path | None = None,
               metrics_root: Path | None = None) -> dict[int, dict]:
     """Every run of a variant (study.seeds, or `seeds`); removes the folders of seeds the study no longer has and
-    writes the variant's metrics file. Returns the metrics per seed."""
+    writes the variant's metrics file. Returns the metrics per seed. A locked or corrupt MLflow store stops no run:
+    once every output is written, it is raised as one UserError that says so."""
     params = load_params(params_path)
     if seeds is None:
         seeds = list(params.study.seeds) if params.variant(variant_name).trainable else [0]
@@ -102,29 +120,43 @@ def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = No
     for stale in variant_dir.glob("seed*"):   # the output folder persists across executions (its checkpoints do)
         if stale.name not in {f"seed{s}" for s in seeds}:
             shutil.rmtree(stale)
+    problem = None
+    try:   # the experiment and its parent run exist before the runs (side by side, they would race to make them)
+        tracking.study_run(dataset_name)
+    except tracking.StoreUnavailable as exc:   # found once, not again by every run
+        problem = exc
     side_by_side = min(params.dataset(dataset_name).training_profile(params.variant(variant_name)).concurrent_runs,
                        len(seeds))
+    paths = (params_path, data_root, runs_root)
     if side_by_side > 1:
-        results = _side_by_side(side_by_side, dataset_name, variant_name, seeds, params_path, data_root, runs_root)
+        outcomes = _side_by_side(side_by_side, dataset_name, variant_name, seeds, paths, problem is None)
     else:
-        results = {seed: run(dataset_name, variant_name, seed, params_path, data_root, runs_root) for seed in seeds}
+        outcomes = {}
+        for seed in seeds:   # after a failure of the store, the later seeds do not wait on it again
+            outcomes[seed] = _run(dataset_name, variant_name, seed, *paths, track=problem is None)
+            problem = problem or outcomes[seed][1]
+    results = {seed: metrics for seed, (metrics, _) in outcomes.items()}
+    problem = problem or next((p for _, p in outcomes.values() if p is not None), None)
     for seed in seeds:
         headline = results[seed][results[seed]["headline"]]
         print(f"{dataset_name} {variant_name} seed {seed}: {results[seed]['headline']} micro AUC "
               f"{headline['auc_micro']:.4f}" + (f", learnt: {results[seed]['gate']['learnt']}"
                                                if "gate" in results[seed] else ""))
-    write_json(variant_metrics_path(dataset_name, variant_name, metrics_root),
-               {f"seed{s}": m for s, m in results.items()})
+    metrics_path = variant_metrics_path(dataset_name, variant_name, metrics_root)
+    write_json(metrics_path, {f"seed{s}": m for s, m in results.items()})
+    if problem is not None:
+        raise UserError(f"{problem.what}: the outputs of {variant_name} on {dataset_name} are written "
+                        f"({variant_dir}, {metrics_path}), its MLflow runs are not; {problem.fix}")
     return results
 
 
-def _side_by_side(processes: int, dataset_name: str, variant_name: str, seeds: list[int], *paths) -> dict[int, dict]:
-    """`run` of every seed, `processes` at a time, each in a fresh (spawned) process; the first failure cancels the
+def _side_by_side(processes: int, dataset_name: str, variant_name: str, seeds: list[int], paths: tuple,
+                  track: bool) -> dict[int, tuple[dict, tracking.StoreUnavailable | None]]:
+    """`_run` of every seed, `processes` at a time, each in a fresh (spawned) process; the first failure cancels the
     runs not yet started and is raised here."""
-    tracking.study_run(dataset_name)   # the experiment and its parent run exist before the runs race to make them
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = {seed: pool.submit(run, dataset_name, variant_name, seed, *paths) for seed in seeds}
+        futures = {seed: pool.submit(_run, dataset_name, variant_name, seed, *paths, track=track) for seed in seeds}
         return {seed: future.result() for seed, future in futures.items()}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

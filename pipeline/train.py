@@ -6,9 +6,15 @@ same weights as an uninterrupted run, and a finished one makes the call a no-op.
 the loop logs one row: the mean of each loss term over those steps, the learning rate and the memory's usage. The
 checkpoint keeps these rows; train_log.csv holds them plus the seconds each interval took (timings stay out of the
 checkpoint, so its bytes repeat). Loss terms are summed on the device and read once per row, not once per step.
+
+A loss that is not finite (NaN or inf) stops training with a UserError naming the epoch, the step and the terms
+that were not finite. It is seen where each row reads the sums anyway, so finding it adds no per-step wait for the
+device, and always before the epoch's checkpoint is written: the checkpoint of the last finished epoch stays as it
+was, and the weights are checked once more before every save.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from models.losses import compute_loss
 from models.noise import salt_and_pepper
 from pipeline import checkpoint as ckpt
 from pipeline.config import Dataset, Variant
-from pipeline.data import clip_dataset
+from pipeline.data import clip_dataset, loader_batches
 from pipeline.device import use_threads
 from pipeline.errors import UserError
 from pipeline.io import write_csv
@@ -48,6 +54,14 @@ class Training:
     train_clips: int
     parameters: int
     epochs: int          # epochs the checkpoint now holds (fewer than the profile's after an interruption)
+
+
+class NonFiniteLoss(Exception):
+    """Raised by train_epoch; `train` turns it into the UserError, adding what the checkpoint kept."""
+
+    def __init__(self, epoch: int, step: int, terms: list[str], values: dict[str, float]):
+        super().__init__(f"non-finite {' and '.join(terms)} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.terms, self.values = epoch, step, terms, values
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +121,7 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
     fingerprint = ckpt.fingerprint(config)
     use_threads(profile.threads)   # before anything computes: the count is part of the fingerprint
     seed_everything(seed)
-    train_set = clip_dataset(frames, "train", variant)
+    train_set = clip_dataset(frames, "train", variant, frame_size=dataset.profile.frame_size)
     key = f"datasets.{dataset.name}.profile"
     if profile.monitor_windows >= len(train_set):
         raise UserError(f"{frames}: {key}.monitor_windows {profile.monitor_windows} holds out every one of the "
@@ -125,12 +139,18 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
 
     start_epoch, log, trained = 0, [], 0
     if checkpoint_path.exists():
+        # a checkpoint torch cannot read is refused here (UserError), never silently trained over
         state = ckpt.load_checkpoint(checkpoint_path)
         if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, log = state["epoch"], [dict(row) for row in state["log"]]
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start_epoch, log = int(state["epoch"]), [dict(row) for row in state["log"]]
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise UserError(f"checkpoint {checkpoint_path} is truncated or corrupt (its training state cannot be "
+                                f"restored: {type(exc).__name__}: {exc}); delete it and rerun its run stage "
+                                f"(`dvc repro`) to train it again") from None
             if start_epoch < profile.epochs and state.get("device") != device.type:
                 print(f"note: resuming on {device.type} a training started on {state.get('device')}: "
                       f"its numbers will differ from an uninterrupted run on either")
@@ -149,9 +169,15 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
     monitor = UsageMonitor(train_set, monitored, variant, device) if monitored and variant.has_memory else None
     steps_per_epoch = per_epoch // profile.batch_size
     for epoch in range(start_epoch, profile.epochs):
-        train_epoch(model, optimizer, scheduler.get_last_lr()[0], train_set, pool, variant, profile, seed, epoch,
-                    device, epoch * steps_per_epoch, logged, monitor,
-                    f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")
+        try:
+            train_epoch(model, optimizer, scheduler.get_last_lr()[0], train_set, pool, variant, profile, seed, epoch,
+                        device, epoch * steps_per_epoch, logged, monitor,
+                        f"{dataset.name} {variant.name} s{seed} epoch {epoch + 1}/{profile.epochs}")
+            if not finite_weights(model):   # a finite last loss, then a non-finite update: never saved either
+                raise NonFiniteLoss(epoch + 1, (epoch + 1) * steps_per_epoch, ["weights"], {})
+        except NonFiniteLoss as bad:
+            raise UserError(_non_finite_message(bad, dataset, variant, seed, checkpoint_path, start_epoch + trained,
+                                                profile.lr)) from None
         scheduler.step()
         ckpt.save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -164,6 +190,37 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
         write_csv(log_path, pd.DataFrame(rows))
     return Training(checkpoint_path, rows, trained, config, fingerprint, len(train_set),
                     sum(p.numel() for p in model.parameters()), start_epoch + trained)
+
+
+def finite_weights(model) -> bool:
+    """Whether every floating-point weight and buffer (the memory items too) is finite: one read from the device."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _non_finite_message(bad: NonFiniteLoss, dataset: Dataset, variant: Variant, seed: int, checkpoint_path: Path,
+                        finished: int, lr: float) -> str:
+    family = dataset.profile.families.get(variant.family)
+    lr_key = (f"datasets.{dataset.name}.profile.families.{variant.family}.lr" if family and family.lr is not None
+              else f"datasets.{dataset.name}.profile.lr")
+    values = f" ({', '.join(f'{k} = {v:.4g}' for k, v in bad.values.items())})" if bad.values else ""
+    kept = (f"{checkpoint_path} keeps epoch {finished}, the last finished one, as it was" if finished else
+            "no epoch finished, so no checkpoint of this training was written")
+    return (f"training {dataset.name} {variant.name} seed {seed}: {bad}{values}; training stopped and {kept}. "
+            f"Lower the learning rate ({lr_key}, now {lr:g}) or a loss weight of variants.{variant.name}, then rerun")
+
+
+def _first_non_finite(interval: list[dict[str, torch.Tensor]], first_step: int,
+                      means: dict[str, float]) -> tuple[int, list[str], dict[str, float]]:
+    """(step, the non-finite terms, every term's value) of the first step of a logging interval whose loss was not
+    finite. Only called once a row's sums showed one, so reading each step's values back costs nothing normally."""
+    for offset, values in enumerate(interval):
+        read = {name: float(value) for name, value in values.items()}
+        bad = [name for name, value in read.items() if not math.isfinite(value)]
+        if bad:
+            return first_step + offset, bad, read
+    # each step finite, their sum not (an overflow): the interval's last step, and its means
+    return first_step + len(interval) - 1, [name for name, v in means.items() if not math.isfinite(v)], means
 
 
 def _earlier_seconds(log_path: Path, rows: int) -> dict[int, float]:
@@ -203,14 +260,18 @@ def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant
     model.train()
     sums: dict[str, torch.Tensor] = {}
     usage, steps, started = None, 0, time.perf_counter()
-    for index, batch in enumerate(tqdm(loader, desc=description, leave=False, mininterval=2.0)):
+    interval: list[dict[str, torch.Tensor]] = []   # this row's per-step values, read only if the row is not finite
+    for index, batch in enumerate(tqdm(loader_batches(loader), total=len(loader), desc=description, leave=False,
+                                       mininterval=2.0)):
         inputs, target = split_clip(batch["clip"], variant)
         if variant.noise == "salt_pepper":  # denoising: noisy input, clean target
             inputs = salt_and_pepper(inputs, variant.noise_amount, noise_generator, variant.noise_rc2020_scaling)
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         loss, terms, result = training_step(model, optimizer, inputs, target, variant, profile.precision)
-        for name, value in {"loss": loss, **terms}.items():
-            sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+        values = {name: value.detach() for name, value in {"loss": loss, **terms}.items()}
+        interval.append(values)
+        for name, value in values.items():
+            sums[name] = sums[name] + value if name in sums else value
         if result.nearest is not None:
             # scatter_add, not bincount: on CUDA bincount reads its input's maximum back to the host every step
             nearest = result.nearest.flatten()
@@ -219,11 +280,13 @@ def train_epoch(model, optimizer, lr: float, train_set, pool: list[int], variant
             usage = counts if usage is None else usage + counts
         steps += 1
         if steps == profile.log_steps or index == len(loader) - 1:
-            row = {"step": first_step + index + 1, "epoch": epoch + 1, "lr": lr,
-                   **{name: float(total) / steps for name, total in sums.items()}}
+            means = {name: float(total) / steps for name, total in sums.items()}   # the row's one read per term
+            if not all(math.isfinite(value) for value in means.values()):
+                raise NonFiniteLoss(epoch + 1, *_first_non_finite(interval, first_step + index + 2 - steps, means))
+            row = {"step": first_step + index + 1, "epoch": epoch + 1, "lr": lr, **means}
             if usage is not None:
                 row.update({f"memory_{k}": v for k, v in usage_stats(usage.cpu().numpy()).items()})
             if monitor is not None:
                 row.update(monitor(model))
             logged(row, time.perf_counter() - started)
-            sums, usage, steps, started = {}, None, 0, time.perf_counter()
+            sums, usage, steps, started, interval = {}, None, 0, time.perf_counter(), []

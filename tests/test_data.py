@@ -77,7 +77,8 @@ def test_variant_decides_the_window(layout):
 
 def test_missing_frames_and_labels_are_clear_errors(layout, tmp_path):
     (layout / "test" / "02" / "000004.png").unlink()
-    with pytest.raises(UserError, match=r"02/000004.png missing but listed in labels.csv; re-run the prepare stage"):
+    with pytest.raises(UserError, match=r"02/000004.png missing but listed in labels.csv; re-run `dvc repro "
+                                        r"prepare@test_missing_frames_and_la\w*` to build them again"):
         ClipDataset(layout, "test", 1, 0)
     with pytest.raises(UserError, match=r"labels.csv not found.*dvc repro prepare@"):
         ClipDataset(tmp_path / "nothing", "test", 1, 0)

@@ -10,19 +10,13 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from benchmarks.tiny_study import repro as run_repro, tiny_study_copy
 from pipeline.config import REPO_ROOT, load_params
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    work = tmp_path_factory.mktemp("repo")
-    env = tiny_study_copy(work)
-    started = time.perf_counter()
-    result = run_repro(work, env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"dvc repro on the tiny profile: {time.perf_counter() - started:.0f} s")
-    return work, env
+def repro(tiny_repro):
+    """The session's one tiny-profile `dvc repro` (tests/conftest.py), shared with the interruption tests."""
+    return tiny_repro.work, tiny_repro.env
 
 
 def test_complex_stages_are_the_same_stages_over_the_complex_datasets():

@@ -60,6 +60,12 @@ def _link_problem(dest: Path, link_dir: str, link_target: str) -> str | None:
     return None
 
 
+# Its sha256 matched params.yaml, so the file is what params.yaml names: a truncated copy whose checksum was
+# written into params.yaml by hand, or the wrong release.
+_DAMAGED = ("delete it and rerun to download it again, and check that its sha256 in params.yaml is the one the "
+            "dataset's authors publish (see docs/datasets.md)")
+
+
 def _refuse(archive: Path, member: str, problem: str) -> UserError:
     return UserError(f"{archive}: member {member!r} {problem}; refusing to unpack this archive. It is not the "
                      f"dataset's official archive: delete it and put the genuine file in its place "
@@ -89,9 +95,8 @@ def _unpack_tar(archive: Path, dest: Path) -> None:
     except tarfile.FilterError as exc:
         raise _refuse(archive, exc.tarinfo.name, str(exc)) from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        # OSError from writing (disk full, permissions) is not the archive's fault and propagates as it is
-        raise UserError(f"{archive}: damaged or not a tar archive ({exc}); delete it and rerun to download it "
-                        f"again") from None
+        # OSError from writing (disk full, permissions) is not the archive's fault: pipeline.io words it
+        raise UserError(f"{archive}: damaged or not a tar archive ({exc or type(exc).__name__}); {_DAMAGED}") from None
 
 
 def _unpack_zip(archive: Path, dest: Path) -> None:
@@ -108,6 +113,5 @@ def _unpack_zip(archive: Path, dest: Path) -> None:
                 if problem:
                     raise _refuse(archive, info.filename, problem)
             zf.extractall(dest, members)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"{archive}: damaged or not a zip archive ({exc}); delete it and rerun to download it "
-                        f"again") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise UserError(f"{archive}: damaged or not a zip archive ({exc or type(exc).__name__}); {_DAMAGED}") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +52,37 @@ def _decoded_frames(path: Path, shown: str) -> Iterator[np.ndarray]:
         raise UserError(f"{shown}: OpenCV cannot open this video (truncated or corrupt); delete the archive from "
                         f"data/raw/ and rerun to download it again, and check that cv2 has FFMPEG "
                         f"(python -c 'import cv2; print(cv2.getBuildInformation())')")
+    # A video cut short keeps its header: it opens, and decoding just stops early. The header's frame count tells;
+    # it can be off by a frame or so in a long video, a cut loses far more.
+    announced, decoded = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0
     try:
         while True:
             ok, frame = capture.read()
             if not ok:
-                return
+                break
+            decoded += 1
             yield frame
     finally:
         capture.release()
+    if decoded < announced - announced // 100:
+        raise UserError(f"{shown}: OpenCV decoded {decoded} of the {announced} frames its header announces "
+                        f"(truncated or corrupt video); delete the archive from data/raw/ and rerun to download it "
+                        f"again")
+
+
+def _jpeg_cut_short(path: Path) -> bool:
+    """Whether a JPEG lacks its end marker (FF D9) in its last bytes: libjpeg decodes a JPEG cut short without an
+    error, greying what is missing, so OpenCV alone would let it through."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - 64))   # room for padding some encoders write after the marker
+        return b"\xff\xd9" not in handle.read()
 
 
 def _read_images(paths: Sequence[Path], shown: str) -> Iterator[np.ndarray]:
     for path in paths:
         image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR)  # grey stays grey, colour comes back BGR
-        if image is None:
+        if image is None or (path.suffix.lower() in (".jpg", ".jpeg") and _jpeg_cut_short(path)):
             raise UserError(f"{shown}/{path.name}: OpenCV cannot read this image (truncated or corrupt); delete "
                             f"the archive from data/raw/ and rerun to download it again")
         yield image
