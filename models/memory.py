@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,6 +22,17 @@ UPDATE_NORMS = ("official", "paper")
 def flatten_queries(queries: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] query map -> [B*h*w, C] rows."""
     return queries.permute(0, 2, 3, 1).reshape(-1, queries.shape[1])
+
+
+def global_batch(features: torch.Tensor) -> torch.Tensor:
+    """In distributed training (a process group of N ranks), every rank's `features` [b, ...] as the global batch
+    [b * N, ...] in its row order: rank r holds rows r, r + N, ... (DistributedSampler deals a batch out
+    round-robin), so rank r's row i is global row i * N + r. Outside a process group, `features` as they are."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, features.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *features.shape[1:])
 
 
 @dataclass
@@ -89,10 +101,16 @@ class Memory(nn.Module):
 
         p_m <- L2norm(p_m + sum_{k: n(k)=m} (v_km / max v) q_k), v = softmax over queries. The max runs over all
         queries of column m ("official", the released code) or over the queries assigned to m ("paper", Eq. 5).
-        Items no query chose stay exactly as they were.
+        Items no query chose stay exactly as they were. In distributed training the rule runs on the queries of
+        every rank's share of the batch (`global_batch`), so every rank writes the same memory; the nearest items
+        returned are this rank's.
         """
         with torch.autocast(features.device.type, enabled=False):  # the written rule stays in the items' fp32
-            return self._update(features.to(self.items.dtype))
+            everyone = global_batch(features.to(self.items.dtype))
+            nearest = self._update(everyone)
+        if everyone.shape[0] == features.shape[0]:
+            return nearest
+        return nearest[dist.get_rank()::dist.get_world_size()]
 
     def _update(self, features: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = features.shape

@@ -6,7 +6,8 @@ bytes, and it loads with `torch.load(weights_only=True)`, which runs no code fro
 
 The fingerprint hashes exactly what determines the trained weights: the seed, the variant's training options, the
 profile's training options (not num_workers, log_steps, update_threshold, concurrent_runs), the frames (their
-manifest, written by prepare) and the training code. Evaluation-only options (alpha, the update threshold, evaluate.*) are not in it, so changing them
+manifest, written by prepare) and the training code; not the device or the number of processes that trained it
+(params.yaml launcher), which the checkpoint records beside it. Evaluation-only options (alpha, the update threshold, evaluate.*) are not in it, so changing them
 never retrains.
 """
 from __future__ import annotations

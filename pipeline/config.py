@@ -346,13 +346,36 @@ class Analysis(Options):
     chance_margin: Annotated[StrictFloat, rule(lambda v: 0 < v < 0.5, "must be in (0, 0.5), got {value}")]
 
 
+class Launcher(Options):
+    """How the run stages start a training: in the stage's own process (`local`), or through torchrun as `nproc`
+    processes on each of `nnodes` hosts (pipeline.distributed). More than one host needs `rdzv_endpoint`, the
+    host:port of torchrun's c10d rendezvous, and the same torchrun command started on every other host."""
+
+    kind: Literal["local", "torchrun"] = "local"
+    nproc: Count = 1
+    nnodes: Count = 1
+    rdzv_endpoint: StrictStr = ""
+
+    @model_validator(mode="after")
+    def _endpoint_for_hosts(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"rdzv_endpoint: nnodes {self.nnodes} needs the host:port of the c10d rendezvous "
+                             f"(a host all of them reach, e.g. the first's address and port 29400)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes if self.kind == "torchrun" else 1
+
+
 class Params:
     """The whole of params.yaml, validated."""
 
     def __init__(self, study: Study, collapse: Collapse, datasets: Mapping[str, Dataset],
-                 variants: Mapping[str, Variant], evaluate: Evaluate, gate: Gate, analysis: Analysis):
+                 variants: Mapping[str, Variant], evaluate: Evaluate, gate: Gate, analysis: Analysis,
+                 launcher: Launcher = Launcher()):
         self.study, self.collapse, self.datasets, self.variants = study, collapse, dict(datasets), dict(variants)
-        self.evaluate, self.gate, self.analysis = evaluate, gate, analysis
+        self.evaluate, self.gate, self.analysis, self.launcher = evaluate, gate, analysis, launcher
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -558,7 +581,8 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         _check(v in variants and variants[v].family == "mnad", "analysis.replacement_variants",
                f"{v!r} is not an MNAD-family variant (the study replaces MNAD's decoder input); valid: "
                f"{sorted(n for n, x in variants.items() if x.family == 'mnad')}")
-    return Params(study, collapse, datasets, variants, evaluate, gate, analysis)
+    launcher = _validate(Launcher, raw.get("launcher", {}), "launcher")
+    return Params(study, collapse, datasets, variants, evaluate, gate, analysis, launcher)
 
 
 def load_params(path: str | Path | None = None) -> Params:

@@ -14,6 +14,8 @@ The seeds of a variant share one stage: they always change together, and a stage
 (torch, MLflow) and of DVC's bookkeeping that the seeds then pay once. They run one after another in the stage's
 process, or, with the profile's `concurrent_runs` above 1, that many side by side, each in a process of its own
 with the profile's `threads`: a small network's step gains little from a second core, two runs gain nearly twice.
+With params.yaml `launcher.kind: torchrun`, each seed's training is instead started through torchrun on the
+launcher's processes (pipeline.launch), one seed at a time, and evaluated here once it is finished.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from models.build import build_model
-from pipeline import checkpoint, evaluate, tracking, train
+from pipeline import checkpoint, evaluate, launch, tracking, train
 from pipeline.config import load_params
 from pipeline.device import compute_device
 from pipeline.errors import UserError, exit_cleanly
@@ -66,18 +68,14 @@ def _run(dataset_name: str, variant_name: str, seed: int, params_path: Path | No
                              "eval.test_time_update": params.evaluate.test_time_update})
         mlflow_run.log_params({"variant.alpha": variant.alpha, "variant.test_threshold": variant.test_threshold})
         if variant.trainable:
-            started = time.perf_counter()
-            training = train.train(dataset, variant, seed, frames, out_dir, device,
-                                   on_log=lambda row: mlflow_run.log_metrics(
-                                       {k: v for k, v in row.items() if k != "step"}, step=row["step"]),
-                                   stop_after_epoch=stop_after_epoch)
-            mlflow_run.log_params({**tracking.flatten_params(training.config), "fingerprint": training.fingerprint,
-                                   "train_clips": training.train_clips, "parameters": training.parameters})
-            mlflow_run.set_tags({"trained_epochs": training.trained_epochs})
-            if not training.trained_epochs:
-                print("training: the finished checkpoint matches; nothing to train")
-            mlflow_run.log_metrics({"train_seconds": time.perf_counter() - started})
-            mlflow_run.log_artifact(out_dir / "train_log.csv")
+            if params.launcher.kind == "torchrun":
+                # torchrun's rank 0 logs the training into this run; then its finished checkpoint is read back
+                launch.train_with_torchrun(params.launcher, dataset_name, variant_name, seed, mlflow_run.run_id,
+                                           params_path, data_root, runs_root, stop_after_epoch)
+                training = train.train(dataset, variant, seed, frames, out_dir, device, stop_after_epoch=0)
+            else:
+                training = train.tracked_training(dataset, variant, seed, frames, out_dir, device, mlflow_run,
+                                                  stop_after_epoch)
             if training.epochs < dataset.training_profile(variant).epochs:   # interrupted: nothing to evaluate yet
                 mlflow_run.finish("KILLED")
                 return {}, mlflow_run.problem
@@ -127,6 +125,8 @@ def run_seeds(dataset_name: str, variant_name: str, seeds: list[int] | None = No
         problem = exc
     side_by_side = min(params.dataset(dataset_name).training_profile(params.variant(variant_name)).concurrent_runs,
                        len(seeds))
+    if params.launcher.kind == "torchrun":   # each seed's training takes the launcher's processes: one at a time
+        side_by_side = 1
     paths = (params_path, data_root, runs_root)
     if side_by_side > 1:
         outcomes = _side_by_side(side_by_side, dataset_name, variant_name, seeds, paths, problem is None)
