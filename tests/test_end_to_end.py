@@ -7,8 +7,10 @@ import sys
 import time
 import urllib.request
 
+import mlflow
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.config import REPO_ROOT, load_params
 
@@ -59,6 +61,23 @@ def test_the_collapse_study_runs_its_settings_and_reports_them(repro):
         assert (work / "analysis" / "figures" / "collapse" / figure).stat().st_size > 1000
     report = (work / "REPORT.md").read_text()
     assert "## The collapse study" in report and "| base |" in report and "dvc exp run -S 'collapse.datasets" in report
+
+
+def test_the_report_records_versions_and_where_each_run_trained(repro):
+    work, env = repro
+    report = (work / "REPORT.md").read_text()
+    section = report.split("## Reproducibility: versions, devices, and what differs on a GPU", 1)[1]
+    assert f"| torch | {torch.__version__} |" in section and f"| mlflow | {mlflow.__version__} |" in section
+    trained = len(load_params(work / "params.yaml").study.variants) + 2   # the collapse study's 2 settings, 1 seed
+    assert f"| cpu | 1 | torch's default | {trained} |" in section   # every run: CPU, one process, tiny's threads
+    assert "**On a GPU** the numbers are expected to differ" in section
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for dataset in ("tiny", "tiny-collapse"):   # the report closes every study run, the collapse study's too
+        [study_run] = client.search_runs([client.get_experiment_by_name(dataset).experiment_id],
+                                         "tags.`memvad.role` = 'study'")
+        assert study_run.info.status == "FINISHED", dataset
 
 
 def test_mlflow_holds_a_finished_study_run_with_one_nested_run_per_variant(repro):
