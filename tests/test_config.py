@@ -154,3 +154,11 @@ def test_precision_is_fp32_by_default_and_names_its_choices(raw):
     with pytest.raises(ConfigError, match=r"datasets.ped2.profile.precision: unknown value 'fp16'; "
                                           r"valid: \['fp32', 'bf16'\]"):
         parse_params(raw)
+
+
+def test_params_yaml_shares_no_mapping_through_yaml_anchors():
+    """`dvc exp run -S key=value` rewrites params.yaml: a key inside an aliased mapping would change every dataset
+    that shares it (or, through a merge key, be lost), so every option is written where it applies."""
+    events = list(yaml.parse(DEFAULT_PARAMS.read_text()))
+    assert not [e for e in events if isinstance(e, yaml.AliasEvent)]
+    assert not [e for e in events if getattr(e, "anchor", None)]
