@@ -11,6 +11,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from models.noise import salt_and_pepper
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import DEFAULT_PARAMS, ConfigError, REPO_ROOT, load_params
@@ -111,49 +112,53 @@ def test_a_torchrun_training_is_one_mlflow_run_and_one_checkpoint_series(torchru
                                                         "train_log.csv"]
 
 
-def test_a_torchrun_training_resumes_to_the_same_checkpoint(torchrun_study, tiny_data, tmp_path):
-    work, _, _ = torchrun_study
-    params = params_file(tmp_path / "params.yaml", {"kind": "torchrun", "nproc": 2})
-    command = torchrun_command(load_params(params).launcher, "tiny", "mnad-pred", 0, params, tiny_data,
-                               tmp_path / "runs")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    checked(subprocess.run(command + ["--stop-after-epoch", "1"], cwd=REPO_ROOT, env=env, capture_output=True,
-                           text=True, timeout=600))
-    path = run_dir("tiny", "mnad-pred", 0, tmp_path / "runs") / "checkpoint.pt"
-    assert load_checkpoint(path)["epoch"] == 1
-    checked(subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600))
-    uninterrupted = run_dir("tiny", "mnad-pred", 0, work / "runs2") / "checkpoint.pt"
-    assert path.read_bytes() == uninterrupted.read_bytes()
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def test_two_hosts_meeting_at_a_c10d_rendezvous_train_the_same_run(torchrun_study, tiny_data, tmp_path):
-    """Two torchrun agents of one process each, as on two hosts, on 127.0.0.1."""
+def test_a_torchrun_training_resumes_on_two_hosts_to_the_same_checkpoint(torchrun_study, tiny_data, tmp_path):
+    """Interrupted after epoch 1 on one host with 2 processes, resumed by two torchrun agents of one process each
+    meeting at a c10d rendezvous on 127.0.0.1, as two hosts would: the checkpoint of the uninterrupted run, byte
+    for byte (the same ranks, data and collectives)."""
     work, _, _ = torchrun_study
-    launcher = load_params(params_file(tmp_path / "p.yaml", {"kind": "torchrun", "nproc": 1, "nnodes": 2,
-                                                             "rdzv_endpoint": f"127.0.0.1:{free_port()}"})).launcher
-    command = torchrun_command(launcher, "tiny", "mnad-pred", 0, params_file(tmp_path / "params.yaml"), tiny_data,
-                               tmp_path / "runs")
+    params = params_file(tmp_path / "params.yaml", {"kind": "torchrun", "nproc": 2})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    agents = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    one_host = torchrun_command(load_params(params).launcher, "tiny", "mnad-pred", 0, params, tiny_data,
+                                tmp_path / "runs")
+    checked(subprocess.run(one_host + ["--stop-after-epoch", "1"], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=600))
+    path = run_dir("tiny", "mnad-pred", 0, tmp_path / "runs") / "checkpoint.pt"
+    assert load_checkpoint(path)["epoch"] == 1
+
+    hosts = load_params(params_file(tmp_path / "hosts.yaml", {"kind": "torchrun", "nproc": 1, "nnodes": 2,
+                                                              "rdzv_endpoint": f"127.0.0.1:{free_port()}"})).launcher
+    two_hosts = torchrun_command(hosts, "tiny", "mnad-pred", 0, params, tiny_data, tmp_path / "runs")
+    agents = [subprocess.Popen(two_hosts, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True) for _ in range(2)]
     outputs = [agent.communicate(timeout=600)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert sum(f"epoch 2: {SAME_RANKS}" in output for output in outputs) == 1   # rank 0 is on one of them
-    made = run_dir("tiny", "mnad-pred", 0, tmp_path / "runs") / "checkpoint.pt"
-    # the same ranks, the same data and the same collectives as one host with 2 processes: the same bytes
-    assert made.read_bytes() == (run_dir("tiny", "mnad-pred", 0, work / "runs2") / "checkpoint.pt").read_bytes()
+    assert load_checkpoint(path)["epoch"] == 2
+    uninterrupted = run_dir("tiny", "mnad-pred", 0, work / "runs2") / "checkpoint.pt"
+    assert path.read_bytes() == uninterrupted.read_bytes()
 
 
-@pytest.mark.parametrize("variant", ["memae", "mnad-recon-skip-sp25"])
-def test_other_families_and_input_noise_train_as_one_process(variant, tiny_data, tmp_path):
-    """MemAE (3D BatchNorm, a learnt memory) and a denoising variant (each rank corrupts its rows of the global
-    batch's noise draw): one epoch of 2 processes against one process."""
+def test_each_rank_applies_its_rows_of_the_global_batch_noise():
+    """A denoising variant's input noise: rank r of N corrupts its rows exactly as one process corrupts rows r,
+    r + N, ... of the global batch."""
+    clean = torch.rand(8, 1, 2, 6, 6) * 2 - 1
+    whole = salt_and_pepper(clean, 0.3, torch.Generator().manual_seed(5))
+    for rank in range(2):
+        share = salt_and_pepper(clean[rank::2], 0.3, torch.Generator().manual_seed(5), share=(rank, 2))
+        assert torch.equal(share, whole[rank::2])
+    assert not torch.equal(whole, clean)
+
+
+def test_memae_trains_as_one_process(tiny_data, tmp_path):
+    """MemAE (3D BatchNorm, a memory learnt by gradient): one epoch of 2 processes against one process."""
+    variant = "memae"
     params = params_file(tmp_path / "params.yaml", epochs=1)
     command = torchrun_command(load_params(params_file(tmp_path / "t.yaml", {"kind": "torchrun", "nproc": 2},
                                                        epochs=1)).launcher,
