@@ -10,14 +10,19 @@
   stage left it RUNNING), so the run's duration is that stage's own work and its curves describe the checkpoint that
   exists. Epochs trained by an earlier execution (a resume, or a finished checkpoint that made training a no-op) are
   logged again from the checkpoint's log. A queued DVC experiment runs in a workspace of its own: its runs stand
-  beside the main workspace's (tag `dvc_exp` names the experiment) and log into the main repository's store.
+  beside the main workspace's (tag `dvc_exp` names the experiment) and log into the main repository's store. A
+  workspace is a folder on a host (tags `memvad.workspace`, `memvad.host`): checkouts at the same path on two hosts
+  that log to one tracking server are two workspaces. A run also records the GPUs it was given
+  (`cuda_visible_devices`, when CUDA_VISIBLE_DEVICES is set: one queue worker per GPU, README "Scaling up").
 - Headline metrics (`auc_micro`, `auc_macro`, `mean_psnr`) are logged under one name for every variant, so the runs
   table sorts by them; the scorings with and without test-time update are under `eval.<scoring>.*`.
 
 The store is shared by every stage, by the seeds run side by side and by queued experiments. Every call to it goes
 through `call`: a locked sqlite store is retried with backoff for MEMVAD_MLFLOW_RETRY_SECONDS (MLflow itself waits
 20 s on each locked statement), then it and a corrupt store each become one StoreUnavailable (a UserError) that
-names the store and the fix. DVC outputs never depend on anything read back from here.
+names the store and the fix. A tracking server (MLFLOW_TRACKING_URI=http://...) that does not answer is retried by
+MLflow's own client (MLFLOW_HTTP_REQUEST_MAX_RETRIES, with backoff), then becomes a StoreUnavailable too. DVC outputs
+never depend on anything read back from here.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 STUDY_RUN = "study"
 ROLE_TAG = "memvad.role"           # "study" on the parent runs, "run" on the (variant, seed) runs
 WORKSPACE_TAG = "memvad.workspace"  # the checkout whose outputs a run describes (a queued experiment has its own)
+HOST_TAG = "memvad.host"            # the host of that checkout: one tracking server hears from many hosts
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model development.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_TAG = "mlflow.parentRunId"
@@ -106,7 +112,8 @@ def retry_seconds() -> float:
 
 
 def _store_problem(exc: BaseException) -> str | None:
-    """"locked", "corrupt" or "schema" when `exc` (or what caused it) says the store is at fault; None otherwise."""
+    """"locked", "corrupt", "schema" or "unreachable" when `exc` (or what caused it) says the store is at fault; None
+    otherwise (a bug, or a request the store refused: raised as it is)."""
     seen = []
     while exc is not None and exc not in seen:
         seen.append(exc)
@@ -118,6 +125,9 @@ def _store_problem(exc: BaseException) -> str | None:
         return "corrupt"
     if "out-of-date database schema" in text:
         return "schema"
+    # MLflow's REST client, once its own retries are spent: no connection, no answer in time, or 5xx answers
+    if "api request to" in text and ("failed with exception" in text or "failed with timeout exception" in text):
+        return "unreachable"
     return None
 
 
@@ -136,6 +146,12 @@ def _unavailable(kind: str, uri: str, waited: float, exc: BaseException | None =
             f"MLflow store {where} is not a readable SQLite database ({reason})",
             f"move it aside (mv {where} {where}.corrupt; MLflow then starts a new, empty store there) or set "
             f"MLFLOW_TRACKING_URI to another store, and rerun the stage (dvc repro)")
+    if kind == "unreachable":
+        reason = str(exc).splitlines()[0] if exc is not None else "no answer"
+        return StoreUnavailable(
+            f"MLflow tracking server {uri} did not answer ({reason[:300]}; MLflow retried it "
+            f"MLFLOW_HTTP_REQUEST_MAX_RETRIES times with backoff)",
+            "start the server or fix MLFLOW_TRACKING_URI, and rerun the stage (dvc repro)")
     return StoreUnavailable(f"MLflow store {uri} has an older schema than this MLflow",
                             f"back it up, run `mlflow db upgrade {uri}`, and rerun the stage (dvc repro)")
 
@@ -295,8 +311,11 @@ def environment_tags(device: str) -> dict[str, str]:
     import numpy
     import torch
 
-    return {"git_commit": git_commit(), "torch_version": torch.__version__, "opencv_version": cv2.__version__,
+    tags = {"git_commit": git_commit(), "torch_version": torch.__version__, "opencv_version": cv2.__version__,
             "numpy_version": numpy.__version__, "python_version": platform.python_version(), "device": device}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:   # the GPUs this process was given (one queue worker per GPU)
+        tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return tags
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -454,13 +473,13 @@ class Run(Logged):
         if mlflow_client.get_run(parent.run_id).info.status != "RUNNING":
             mlflow_client.update_run(parent.run_id, status="RUNNING")   # a new execution of the study
         experiment = experiment_id(mlflow_client, dataset)
-        workspace = REPO_ROOT.as_posix()
+        workspace, host = REPO_ROOT.as_posix(), platform.node()
         earlier = mlflow_client.search_runs(
             [experiment], filter_string=f"tags.variant = '{variant}' and tags.seed = '{seed}' and "
                                         f"tags.`{ROLE_TAG}` = 'run'", run_view_type=ViewType.ALL)
         for run in earlier:   # its curves and scores describe an execution that this one replaces
-            if run.data.tags.get(WORKSPACE_TAG, workspace) != workspace:
-                continue   # another workspace's (a queued experiment's): it describes outputs of its own
+            if run.data.tags.get(WORKSPACE_TAG, workspace) != workspace or run.data.tags.get(HOST_TAG, host) != host:
+                continue   # another workspace's (a queued experiment's, another host's): outputs of its own
             deleted = run.info.lifecycle_stage == "deleted"
             if run.info.status == "RUNNING":   # its stage was killed: nothing will ever finish it
                 if deleted:
@@ -470,7 +489,7 @@ class Run(Logged):
             if not deleted:
                 mlflow_client.delete_run(run.info.run_id)
         tags = {"dataset": dataset, "variant": variant, "seed": str(seed), ROLE_TAG: "run", PARENT_TAG: parent.run_id,
-                WORKSPACE_TAG: workspace}
+                WORKSPACE_TAG: workspace, HOST_TAG: host}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]   # the DVC experiment whose outputs it describes
         created = mlflow_client.create_run(experiment, run_name=f"{variant}/seed{seed}", tags=tags)

@@ -1,10 +1,14 @@
 """MLflow conventions: experiments the UI opens on their runs, a study run per dataset with the runs nested under it,
-one run per (variant, seed) that each execution starts afresh, and the run's status when its stage fails."""
+one run per (variant, seed) and workspace that each execution starts afresh, the run's status when its stage fails, and
+a tracking server that does not answer."""
 import math
+import platform
+import socket
 
 import pytest
 
 from pipeline import tracking
+from pipeline.config import REPO_ROOT
 from pipeline.tracking import Run, study_run
 
 
@@ -80,3 +84,45 @@ def test_params_of_a_nested_config_are_flattened_with_their_strings():
         {"seed": "1", "variant.task": "predict", "variant.skips": "True"}
     assert tracking.flatten({"frames": 3, "headline": "with_update", "with_update": {"auc_micro": 0.9}}) == \
         {"frames": 3.0, "with_update.auc_micro": 0.9}
+
+
+def test_a_run_of_the_same_folder_on_another_host_is_left_alone():
+    """Hosts that log to one tracking server can hold checkouts at the same path: each is a workspace of its own."""
+    client = tracking.client()
+    experiment = tracking.experiment_id(client, "tracking-hosts")
+    tags = {"variant": "ae-pred", "seed": "0", tracking.ROLE_TAG: "run", tracking.WORKSPACE_TAG: REPO_ROOT.as_posix()}
+    elsewhere = client.create_run(experiment, tags={**tags, tracking.HOST_TAG: "another-host"}).info.run_id
+    client.set_terminated(elsewhere)
+    here = Run("tracking-hosts", "ae-pred", 0)
+    here.finish()
+    assert client.get_run(here.run_id).data.tags[tracking.HOST_TAG] == platform.node()
+    assert sorted(run.info.run_id for run in runs_of("tracking-hosts", "ae-pred", 0)) == \
+        sorted([elsewhere, here.run_id])   # both active: this workspace's rerun replaces only its own
+    again = Run("tracking-hosts", "ae-pred", 0)
+    again.finish()
+    assert sorted(run.info.run_id for run in runs_of("tracking-hosts", "ae-pred", 0)) == sorted([elsewhere,
+                                                                                                 again.run_id])
+
+
+def test_a_run_records_the_gpus_its_worker_was_given(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "cuda_visible_devices" not in tracking.environment_tags("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert tracking.environment_tags("cuda")["cuda_visible_devices"] == "1"
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_message_after_mlflows_retries(monkeypatch):
+    with socket.socket() as probe:   # a port on 127.0.0.1 that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # MLflow's own retries, with backoff (default 7)
+    with pytest.raises(tracking.StoreUnavailable) as raised:
+        tracking.study_run("tracking-unreachable")
+    assert str(raised.value).startswith(f"MLflow tracking server {uri} did not answer (API request to {uri}/api/")
+    assert str(raised.value).endswith("start the server or fix MLFLOW_TRACKING_URI, and rerun the stage (dvc repro)")
+    run = Run("tracking-unreachable", "ae-pred", 0, keep_going=True)   # a stage's run: logs nothing, keeps the problem
+    run.log_metrics({"loss": 1.0}, step=1)
+    run.finish()
+    assert run.run_id is None and isinstance(run.problem, tracking.StoreUnavailable)
