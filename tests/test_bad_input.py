@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+import pipeline.distributed
 import pipeline.paths
 import pipeline.prepare
 import pipeline.run
@@ -165,12 +166,32 @@ def test_finite_losses_are_read_once_per_logged_row_not_once_per_step(tiny_data,
         raw["datasets"]["tiny"]["profile"].update(epochs=1, log_steps=4)
     params = load_params(params_file(tmp_path, one_epoch))
     dataset, variant = params.dataset("tiny"), params.variant("ae-pred")
-    reads = []
-    real = torch.Tensor.__float__
-    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or real(self))
+    per_step, per_row, reads, kept = set(), set(), [], []   # kept alive: no other tensor reuses their memory
+    real_step, real_mean = pipeline.train.training_step, pipeline.distributed.mean_over_ranks
+
+    def step(*args, **kwargs):   # every step's loss and terms, as the loop keeps them
+        loss, terms, result = real_step(*args, **kwargs)
+        kept.extend((loss, *terms.values()))
+        per_step.update(t.data_ptr() for t in (loss, *terms.values()))
+        return loss, terms, result
+
+    def row_sums(values):        # a row's stacked sums of the terms
+        total = real_mean(values)
+        kept.append(total)
+        per_row.add(total.data_ptr())
+        return total
+    monkeypatch.setattr(pipeline.train, "training_step", step)
+    monkeypatch.setattr(pipeline.distributed, "mean_over_ranks", row_sums)
+    for read in ("__float__", "item", "tolist"):   # the ways a tensor's value reaches the host
+        real = getattr(torch.Tensor, read)
+        monkeypatch.setattr(torch.Tensor, read, lambda self, *a, real=real: reads.append(
+            "step" if self.data_ptr() in per_step else "row" if self.data_ptr() in per_row else "other")
+            or real(self, *a))
     training = pipeline.train.train(dataset, variant, 0, frames_dir("tiny", tiny_data), tmp_path / "run", CPU)
-    assert [row["step"] for row in training.log] == [4]
-    assert len(reads) == 2   # one row of 4 steps: the loss and its one term (mse), each read once
+    assert [row["step"] for row in training.log] == [4] and {"loss", "mse"} <= set(training.log[0])
+    assert len(per_step) == 4   # 4 steps (ae-pred's loss is its mse term): the spies saw the loop's tensors
+    # one row of 4 steps: its sums of the loss and its term are read once together, no step's value ever
+    assert reads.count("row") == 1 and reads.count("step") == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
