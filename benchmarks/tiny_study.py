@@ -50,6 +50,9 @@ def tiny_study_copy(work: Path) -> dict[str, str]:
     params["collapse"] = {"seeds": 1, "datasets": ["tiny-collapse"],
                           "settings": {"base": {"dataset": "tiny-collapse", "variant": "mnad-pred"},
                                        "recon-no-skips": {"dataset": "tiny-collapse", "variant": "mnad-recon"}}}
+    # the analyses at the tiny study's size: a t-SNE of 1000 queries alone was 75 s of a 2-core CI machine's repro
+    params["analysis"].update({"tsne_queries": 120, "tsne_perplexity": 10, "usage_test_windows": 40,
+                               "usage_train_windows": 8, "replacement_windows": 24, "bootstrap_samples": 200})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -8,9 +8,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
-# No test talks to any host but 127.0.0.1: MLflow's usage telemetry stays off in this process and its children.
+# No test talks to any host but 127.0.0.1: MLflow's and DVC's usage telemetry stay off in this process and its
+# children.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
+os.environ["DVC_NO_ANALYTICS"] = "true"   # also off in .dvc/config; this covers DVC run outside a repository
 
 # Two torch threads on a 2-core CI machine mostly wait on each other; one thread is faster and steadier here.
 torch.set_num_threads(1)
