@@ -494,11 +494,8 @@ def comparisons_section(results: Results) -> str:
                              "verdict"], rows)])
 
 
-# What the numbers depend on beyond params.yaml: the packages that compute them.
-VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
-
-
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), for the records a number depends on."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -506,6 +503,10 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# What the numbers depend on beyond params.yaml: the packages that compute them.
+VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
 
 
 def training_devices(results: Results) -> pd.DataFrame:
@@ -536,7 +537,7 @@ def reproducibility_section(results: Results) -> str:
     return "\n".join([
         "## Reproducibility: versions, devices, and what differs on a GPU", "",
         f"Every stage of one `dvc repro` runs in the environment that wrote this report: Python "
-        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({_cpu_model()}).", "",
+        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({cpu_model()}).", "",
         table(["package", "version"], versions), "",
         "Where the runs trained (from their checkpoints):", "",
         table(list(devices.columns), devices.astype(str).values.tolist()) if len(devices) else "no trained run.", "",

@@ -19,24 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from analysis.report import cpu_model  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 
 
 def machine() -> dict:
     """The facts a speed figure depends on."""
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synchronize(device: torch.device) -> None:
