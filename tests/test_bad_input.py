@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import pipeline.distributed
 import pipeline.paths
 import pipeline.prepare
 import pipeline.run
 import pipeline.train
+from params_files import params_file
 from pipeline import checkpoint as ckpt
 from pipeline import io
-from pipeline.config import DEFAULT_PARAMS, Archive, load_params
+from pipeline.config import Archive, load_params
 from pipeline.data import ClipDataset
 from pipeline.download import fetch
 from pipeline.errors import UserError
@@ -45,17 +45,6 @@ RUN_FILES = ("checkpoint.pt", "train_log.csv", "scores.csv", "roc.csv", "metrics
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def params_file(folder: Path, edit=None) -> Path:
-    """A copy of params.yaml in `folder`, edited by `edit(raw)`."""
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    if edit:
-        edit(raw)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def stage(main, argv, capsys, monkeypatch, data_root: Path, runs_root: Path | None = None) -> str:

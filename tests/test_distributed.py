@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from models.noise import salt_and_pepper
+from params_files import params_file
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import DEFAULT_PARAMS, ConfigError, REPO_ROOT, load_params
+from pipeline.config import ConfigError, REPO_ROOT, load_params
 from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.launch import torchrun_command
@@ -24,18 +24,16 @@ CPU = torch.device("cpu")
 SAME_RANKS = "the 2 ranks hold bit-identical weights, memory and optimiser state"
 
 
-def params_file(path, launcher=None, epochs=None):
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    # one thread per process, whatever torchrun's OMP_NUM_THREADS (1 with several processes on a host, unset
-    # with one): a thread count changes float sums
-    raw["datasets"]["tiny"]["profile"]["threads"] = 1
-    if launcher is not None:
-        raw["launcher"] = launcher
-    if epochs is not None:
-        raw["datasets"]["tiny"]["profile"]["epochs"] = epochs
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+def torchrun_params(folder, launcher=None, epochs=None):
+    """params.yaml in `folder` with the tiny profile at one thread per process, whatever torchrun's
+    OMP_NUM_THREADS (1 with several processes on a host, unset with one): a thread count changes float sums."""
+    def edit(raw):
+        raw["datasets"]["tiny"]["profile"]["threads"] = 1
+        if launcher is not None:
+            raw["launcher"] = launcher
+        if epochs is not None:
+            raw["datasets"]["tiny"]["profile"]["epochs"] = epochs
+    return params_file(folder, edit)
 
 
 def python(code: str, store, timeout=600) -> subprocess.CompletedProcess:
@@ -61,11 +59,11 @@ def torchrun_study(tiny_data, tmp_path_factory):
     """mnad-pred seed 0 trained by the run stage with launcher torchrun, 2 processes, then evaluated; and the same
     run trained in one process."""
     work = tmp_path_factory.mktemp("torchrun")
-    two = params_file(work / "two" / "params.yaml", {"kind": "torchrun", "nproc": 2})
+    two = torchrun_params(work / "two", {"kind": "torchrun", "nproc": 2})
     output = checked(python(f"from pipeline.run import run_seeds; run_seeds('tiny', 'mnad-pred', [0], "
                             f"Path({str(two)!r}), Path({str(tiny_data)!r}), Path({str(work / 'runs2')!r}), "
                             f"Path({str(work / 'metrics')!r}))", work / "mlflow.db"))
-    one = single_process(tiny_data, work / "runs1", params_file(work / "one" / "params.yaml"))
+    one = single_process(tiny_data, work / "runs1", torchrun_params(work / "one"))
     return work, output, one
 
 
@@ -123,7 +121,7 @@ def test_a_torchrun_training_resumes_on_two_hosts_to_the_same_checkpoint(torchru
     meeting at a c10d rendezvous on 127.0.0.1, as two hosts would: the checkpoint of the uninterrupted run, byte
     for byte (the same ranks, data and collectives)."""
     work, _, _ = torchrun_study
-    params = params_file(tmp_path / "params.yaml", {"kind": "torchrun", "nproc": 2})
+    params = torchrun_params(tmp_path / "params", {"kind": "torchrun", "nproc": 2})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     one_host = torchrun_command(load_params(params).launcher, "tiny", "mnad-pred", 0, params, tiny_data,
                                 tmp_path / "runs")
@@ -132,7 +130,7 @@ def test_a_torchrun_training_resumes_on_two_hosts_to_the_same_checkpoint(torchru
     path = run_dir("tiny", "mnad-pred", 0, tmp_path / "runs") / "checkpoint.pt"
     assert load_checkpoint(path)["epoch"] == 1
 
-    hosts = load_params(params_file(tmp_path / "hosts.yaml", {"kind": "torchrun", "nproc": 1, "nnodes": 2,
+    hosts = load_params(torchrun_params(tmp_path / "hosts", {"kind": "torchrun", "nproc": 1, "nnodes": 2,
                                                               "rdzv_endpoint": f"127.0.0.1:{free_port()}"})).launcher
     two_hosts = torchrun_command(hosts, "tiny", "mnad-pred", 0, params, tiny_data, tmp_path / "runs")
     agents = [subprocess.Popen(two_hosts, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -159,8 +157,8 @@ def test_each_rank_applies_its_rows_of_the_global_batch_noise():
 def test_memae_trains_as_one_process(tiny_data, tmp_path):
     """MemAE (3D BatchNorm, a memory learnt by gradient): one epoch of 2 processes against one process."""
     variant = "memae"
-    params = params_file(tmp_path / "params.yaml", epochs=1)
-    command = torchrun_command(load_params(params_file(tmp_path / "t.yaml", {"kind": "torchrun", "nproc": 2},
+    params = torchrun_params(tmp_path / "params", epochs=1)
+    command = torchrun_command(load_params(torchrun_params(tmp_path / "t", {"kind": "torchrun", "nproc": 2},
                                                        epochs=1)).launcher,
                                "tiny", variant, 0, params, tiny_data, tmp_path / "runs2")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -183,10 +181,10 @@ def test_the_global_batch_must_divide_among_the_processes(tiny_data, tmp_path):
 def test_launcher_options(tmp_path):
     assert load_params().launcher.kind == "local" and load_params().launcher.world_size == 1
     with pytest.raises(ConfigError, match=r"launcher\.rdzv_endpoint: nnodes 2 needs the host:port"):
-        load_params(params_file(tmp_path / "a.yaml", {"kind": "torchrun", "nnodes": 2}))
+        load_params(torchrun_params(tmp_path / "a", {"kind": "torchrun", "nnodes": 2}))
     with pytest.raises(ConfigError, match=r"launcher\.kind: unknown value 'slurm'; valid: \['local', 'torchrun'\]"):
-        load_params(params_file(tmp_path / "b.yaml", {"kind": "slurm"}))
-    hosts = load_params(params_file(tmp_path / "c.yaml", {"kind": "torchrun", "nproc": 4, "nnodes": 2,
+        load_params(torchrun_params(tmp_path / "b", {"kind": "slurm"}))
+    hosts = load_params(torchrun_params(tmp_path / "c", {"kind": "torchrun", "nproc": 4, "nnodes": 2,
                                                           "rdzv_endpoint": "10.0.0.1:29400"})).launcher
     assert hosts.world_size == 8
     command = torchrun_command(hosts, "ped2", "mnad-pred", 1)
@@ -194,7 +192,7 @@ def test_launcher_options(tmp_path):
     assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29400",
             "--rdzv_id=memvad-ped2-mnad-pred-s1"} <= set(command) and "--standalone" not in command
     assert command[-8:] == ["-m", "pipeline.train", "--dataset", "ped2", "--variant", "mnad-pred", "--seed", "1"]
-    assert "--standalone" in torchrun_command(load_params(params_file(tmp_path / "d.yaml", {
+    assert "--standalone" in torchrun_command(load_params(torchrun_params(tmp_path / "d", {
         "kind": "torchrun", "nproc": 2})).launcher, "ped2", "mnad-pred", 1)
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from models.clips import split_clip
 from models.mnad import point_score
+from params_files import params_file
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint, load_trained_model
-from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.config import load_params
 from pipeline.data import clip_dataset
 from pipeline.errors import UserError
 from pipeline.evaluate import score_batched, score_with_update
@@ -21,16 +21,6 @@ from pipeline.paths import frames_dir, run_dir
 from pipeline.run import run, run_seeds
 
 CPU = torch.device("cpu")
-
-
-def params_file(tmp_path, edit=None):
-    """A copy of params.yaml, edited by `edit(raw)`."""
-    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    if edit:
-        edit(raw)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def trained_model(variant_name, tiny_data, runs_root, params_path=None):
