@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline.config import REPO_ROOT, load_params
 
@@ -54,7 +55,7 @@ def test_repro_writes_metrics_for_every_variant(repro):
 def test_the_collapse_study_runs_its_settings_and_reports_them(repro):
     work, _ = repro
     final = pd.read_csv(work / "analysis" / "tables" / "collapse" / "final.csv")
-    assert list(final["setting"]) == ["base", "recon-no-skips"] and (final["steps"] == 8).all()
+    assert list(final["setting"]) == ["base", "pred-no-skips"] and (final["steps"] == 8).all()
     trajectory = pd.read_csv(work / "analysis" / "tables" / "collapse" / "trajectories.csv")
     assert len(trajectory) == 16 and trajectory["entropy"].notna().all()   # a usage row per logged step and run
     for figure in ("usage_over_training.png", "histograms.png", "nan_heuristic.png"):
@@ -122,7 +123,7 @@ def test_dvc_plots_overlay_the_variants_of_a_dataset(repro):
     for name in ("usage_entropy", "usage_top_share"):
         [rendered] = plots[name]
         assert rendered["content"]["encoding"]["color"]["field"] == "setting"
-        assert {row["setting"] for row in rendered["content"]["data"]["values"]} == {"base", "recon-no-skips"}
+        assert {row["setting"] for row in rendered["content"]["data"]["values"]} == {"base", "pred-no-skips"}
     roc = pd.read_csv(work / "analysis" / "plots" / "roc.csv")
     study = load_params(work / "params.yaml").study
     assert set(roc["variant"]) == set(study.variants) | {"copy-last"} and set(roc["dataset"]) == {"tiny"}
@@ -167,21 +168,21 @@ def test_mlflow_ui_serves_the_runs(repro):
         server.wait(timeout=30)
 
 
-def test_dvc_exp_run_with_a_changed_option(repro):
-    """`dvc exp run -S key=value` reruns what depends on the key and records the experiment (these run last: they
-    change the copy's workspace)."""
+def test_a_changed_option_makes_exactly_the_stages_that_read_it_stale(repro):
+    """What `dvc repro` (or `dvc exp run -S`) would rerun after a change, from `dvc status`: an analysis option
+    reaches its analysis stage and the report, and no run or model analysis."""
     work, env = repro
-    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "results of the first repro"]):
-        subprocess.run(command, cwd=work, check=True, env=env)
-    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "analysis.timeline_videos=1"],
-                            cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Running stage 'score_analyses@tiny'" in result.stdout
-    assert "Running stage 'run@" not in result.stdout  # nothing that does not read the key reruns
-    assert "Running stage 'model_analyses@" not in result.stdout
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=work, env=env,
-                           capture_output=True, text=True, check=True).stdout
-    assert re.search(r'"timeline_videos":\s*1\b', shown), shown[:2000]
+    params = work / "params.yaml"
+    original = params.read_text()
+    edited = yaml.safe_load(original)
+    edited["analysis"]["timeline_videos"] = 1
+    try:
+        params.write_text(yaml.safe_dump(edited, sort_keys=False))
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=work, env=env,
+                                capture_output=True, text=True, check=True).stdout
+    finally:
+        params.write_text(original)
+    assert sorted(json.loads(status)) == ["report", "score_analyses@tiny"], status
 
 
 def test_an_evaluation_only_change_reruns_evaluation_and_not_training(repro):
@@ -189,12 +190,18 @@ def test_an_evaluation_only_change_reruns_evaluation_and_not_training(repro):
     checkpoint = work / "runs" / "tiny" / "mnad-recon" / "seed0" / "checkpoint.pt"
     before = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns
     metrics_before = json.loads((checkpoint.parent / "metrics.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "variants.mnad-recon.alpha=0.3"],
-                            cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "results of the first repro"]):
+        subprocess.run(command, cwd=work, check=True, env=env)
+    # the experiment of the run stage alone: the analyses after it are the status test's concern
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "variants.mnad-recon.alpha=0.3",
+                             "run@tiny-mnad-recon"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reran = re.findall(r"Running stage '(run[^@]*@[^']+)'", result.stdout)
+    reran = re.findall(r"Running stage '([^']+)'", result.stdout)
     assert reran == ["run@tiny-mnad-recon"]
     assert "training: the finished checkpoint matches; nothing to train" in result.stdout + result.stderr
     assert (checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns) == before
     metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
     assert metrics["with_update"]["auc_micro"] != metrics_before["with_update"]["auc_micro"]
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert re.search(r'"alpha":\s*0\.3\b', shown), shown[:2000]   # the experiment records the option it ran with
