@@ -140,7 +140,8 @@ def test_mlflow_ui_serves_the_runs(repro):
     work, env = repro
     port = free_port()
     server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=work, env=env,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=work,
+                              env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},   # as README
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}/api/2.0/mlflow"

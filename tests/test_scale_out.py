@@ -158,7 +158,8 @@ def mlflow_server(backend: str, password: str, artifacts: Path, logs: Path) -> I
     that waits until it answers (it starts in the background meanwhile). The database's password travels in
     PGPASSWORD (libpq reads it), not on the command line."""
     port = free_port()
-    env = {**os.environ, "PGPASSWORD": password, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env = {**os.environ, "PGPASSWORD": password, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}   # as README: no job runner (7 processes) for unused jobs
     env.pop("MLFLOW_TRACKING_URI", None)
     log = logs / "mlflow-server.log"
     with open(log, "w") as handle:
