@@ -2,7 +2,6 @@
 profile, launched by the run stage through params.yaml `launcher`, resumed, and as two "hosts" meeting at a c10d
 rendezvous on 127.0.0.1; compared with one process training the same global batch."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from models.noise import salt_and_pepper
 from params_files import params_file
+from local_processes import free_port
 from pipeline import train
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, REPO_ROOT, load_params
@@ -110,10 +110,6 @@ def test_a_torchrun_training_is_one_mlflow_run_and_one_checkpoint_series(torchru
                                                         "train_log.csv"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_a_torchrun_training_resumes_on_two_hosts_to_the_same_checkpoint(torchrun_study, tiny_data, tmp_path):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
+from local_processes import free_port
 from pipeline.config import Archive, ArchiveSource, load_params
 from pipeline.download import fetch
 from pipeline.errors import UserError
@@ -94,9 +94,7 @@ def test_http_404_names_url_and_status(server, tmp_path):
 
 
 def test_connection_refused_names_url(tmp_path):
-    with socket.socket() as probe:  # a port that was free a moment ago and now has no listener
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()   # a port on 127.0.0.1 that nothing listens on
     url = f"http://127.0.0.1:{port}/{NAME}"
     with pytest.raises(UserError) as info:
         fetch(archive([url]), tmp_path, params_key=KEY)

@@ -1,7 +1,6 @@
 """`dvc repro` in a temporary copy of the repository on the tiny profile, then the MLflow UI over its store."""
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from local_processes import free_port
 from pipeline.config import REPO_ROOT, load_params
 
 
@@ -129,10 +129,6 @@ def test_dvc_plots_overlay_the_variants_of_a_dataset(repro):
     assert set(roc["variant"]) == set(study.variants) | {"copy-last"} and set(roc["dataset"]) == {"tiny"}
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mlflow_ui_serves_the_runs(repro):

@@ -20,6 +20,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
 from benchmarks.tiny_study import tiny_study_copy
+from local_processes import dvc, wait_for_the_queue
 from pipeline import paths, tracking
 from pipeline.config import REPO_ROOT
 from pipeline.errors import UserError
@@ -238,13 +239,6 @@ def test_an_artifact_is_never_partial_under_its_name(tmp_path, monkeypatch):
     run.finish()
 
 
-def dvc(work, env, *args, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=work, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-    return result.stdout
-
-
 def test_two_queued_experiments_run_side_by_side_into_one_store(tmp_path):
     """`dvc exp run --queue` twice, `dvc queue start -j 2`: both finish and the repository's store records both runs
     of the same variant and seed (each experiment's, in its own temporary workspace), with no lock failure."""
@@ -259,23 +253,12 @@ def test_two_queued_experiments_run_side_by_side_into_one_store(tmp_path):
         dvc(work, env, "exp", "run", "--queue", "-n", name, "-S", f"datasets.tiny.profile.lr={lr}", "run@tiny-ae-pred")
     dvc(work, env, "queue", "start", "-j", "2")
     try:
-        deadline, polls, status = time.monotonic() + 400, 0, ""
-        while True:   # a finished experiment gets its git ref (cheap to poll); a failed one shows in the queue status
-            refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=work,
-                                  capture_output=True, text=True).stdout.split()
-            polls += 1
-            if {ref.rsplit("/", 1)[-1] for ref in refs} >= set(rates) or polls % 10 == 0:
-                status = dvc(work, env, "queue", "status")
-                states = dict(re.findall(r"\b(lr-high|lr-low)\b.*\b(Queued|Running|Success|Failed)\b", status))
-                if len(states) == 2 and set(states.values()) <= {"Success", "Failed"}:
-                    break
-            assert time.monotonic() < deadline, status
-            time.sleep(1)
+        states = wait_for_the_queue(work, env, list(rates), timeout=400)
         logs = {name: dvc(work, env, "queue", "logs", name) for name in rates}
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], cwd=work, env=env, capture_output=True,
                        timeout=120)
-    assert states == {"lr-high": "Success", "lr-low": "Success"}, status + "\n".join(logs.values())
+    assert states == {"lr-high": "Success", "lr-low": "Success"}, "\n".join(logs.values())
     for name, log in logs.items():
         assert "Running stage 'run@tiny-ae-pred'" in log and "database is locked" not in log, log[-3000:]
 

@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from benchmarks.tiny_study import study_results, tiny_study_copy
+from local_processes import command, dvc, free_port, wait_for_the_queue
 from pipeline import tracking
 
 TRAINING_STAGES = re.compile(r"(run|run_complex|baseline|baseline_complex|collapse)@")
@@ -67,10 +67,6 @@ def postgres_bin() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def stop(process: subprocess.Popen, first: signal.Signals, timeout: float = 30) -> None:
@@ -183,31 +179,10 @@ def mlflow_server(backend: str, password: str, artifacts: Path, logs: Path) -> I
 
 # --- 2. the workers' host, 3. the collecting host -------------------------------------------------------------
 
-def command(work: Path, env: dict, *args: str, timeout: float = 600) -> str:
-    result = subprocess.run(list(args), cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} in {work}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-    return result.stdout
 
 
-def dvc(work: Path, env: dict, *args: str, timeout: float = 600) -> str:
-    return command(work, env, sys.executable, "-m", "dvc", *args, timeout=timeout)
 
 
-def wait_for_the_queue(work: Path, env: dict, names: list[str], timeout: float) -> dict[str, str]:
-    """Poll until every named experiment succeeded or failed: {name: "Success" | "Failed"}. A finished experiment
-    gets its git ref (cheap to poll); a failed one shows in `dvc queue status`."""
-    deadline, polls, status = time.monotonic() + timeout, 0, ""
-    pattern = re.compile(rf"\b({'|'.join(map(re.escape, names))})\b.*\b(Queued|Running|Success|Failed)\b")
-    while True:
-        refs = command(work, env, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
-        polls += 1
-        if {ref.rsplit("/", 1)[-1] for ref in refs} >= set(names) or polls % 15 == 0:
-            status = dvc(work, env, "queue", "status")
-            states = dict(pattern.findall(status))
-            if len(states) == len(names) and set(states.values()) <= {"Success", "Failed"}:
-                return states
-        assert time.monotonic() < deadline, f"the queue did not finish within {timeout:.0f} s:\n{status}"
-        time.sleep(2)
 
 
 def start_workers(work: Path, env: dict, gpus: list[str], timeout: float = 300) -> None:

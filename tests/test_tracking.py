@@ -3,10 +3,10 @@ one run per (variant, seed) and workspace that each execution starts afresh, the
 a tracking server that does not answer."""
 import math
 import platform
-import socket
 
 import pytest
 
+from local_processes import free_port
 from pipeline import tracking
 from pipeline.config import REPO_ROOT
 from pipeline.tracking import Run, study_run
@@ -112,9 +112,7 @@ def test_a_run_records_the_gpus_its_worker_was_given(monkeypatch):
 
 
 def test_a_tracking_server_that_does_not_answer_is_one_message_after_mlflows_retries(monkeypatch):
-    with socket.socket() as probe:   # a port on 127.0.0.1 that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()   # a port on 127.0.0.1 that nothing listens on
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # MLflow's own retries, with backoff (default 7)
