@@ -41,10 +41,6 @@ USAGE = ("entropy", "top_share", "items_used", "position_nmi", "position_varianc
 TEST_WINDOWS = 200   # a seeded sample of test windows for the final histogram
 
 
-def collapse_seeds(params: Params) -> tuple[int, ...]:
-    return params.study.seeds[:params.collapse.seeds]
-
-
 def entropy_slope(steps: np.ndarray, entropy: np.ndarray) -> tuple[float, float]:
     """(slope, its standard error) of usage entropy against log10(step), by least squares over the second half of
     the logged steps (NaN with fewer than three)."""
@@ -74,7 +70,7 @@ def collapse_study(params: Params, runs_root: Path | None = None, data_root: Pat
     share = params.analysis.collapse_share
     trajectories, finals, counts = [], [], []
     for name, setting in params.collapse.settings.items():
-        for seed in collapse_seeds(params):
+        for seed in params.collapse_seeds:
             path = run_dir(setting.dataset, setting.variant, seed, runs_root or RUNS_DIR)
             if not (path / "metrics.json").exists():
                 continue

@@ -505,10 +505,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# What the numbers depend on beyond params.yaml: the packages that compute them.
-VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
-
-
 def training_devices(results: Results) -> pd.DataFrame:
     """How many of the study's trained runs (the collapse study's too) trained where: device, processes (torchrun
     ranks), torch threads."""
@@ -517,7 +513,7 @@ def training_devices(results: Results) -> pd.DataFrame:
              for run in existing_runs(params, dataset, results.runs_root, needs=("checkpoint.pt",))]
     paths += [run_dir(setting.dataset, setting.variant, seed, results.runs_root) / "checkpoint.pt"
               for setting in params.collapse.settings.values()
-              for seed in params.study.seeds[:params.collapse.seeds]]
+              for seed in params.collapse_seeds]
     rows = []
     for path in paths:
         if path.exists():
@@ -532,7 +528,7 @@ def training_devices(results: Results) -> pd.DataFrame:
 
 
 def reproducibility_section(results: Results) -> str:
-    versions = [[name, metadata.version(name)] for name in VERSIONED]
+    versions = [[name, metadata.version(name)] for name in tracking.VERSIONED]
     devices = training_devices(results)
     return "\n".join([
         "## Reproducibility: versions, devices, and what differs on a GPU", "",

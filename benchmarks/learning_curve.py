@@ -2,7 +2,7 @@
 
     python benchmarks/learning_curve.py [--params params.yaml] [--dataset synthetic] [--epochs 2 4 6 8]
         [--variants mnad-pred mnad-recon memae] [--probes 'memae:shrink_threshold=0.0025' 'memae@width=0.5']
-        [--probe-epochs 4] [--seed 0] [--out analysis]
+        [--probe-epochs 4] [--seed 0] [--out analysis] [--append]
 
 A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`) and profile
 overrides after an at sign (`memae@width=0.5`): it is then trained as a copy with those options, under that label.
@@ -11,7 +11,8 @@ they are rows of the table, not curves of the figure. For each variant and each 
 each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder), evaluates it
 as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs. Writes
 <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them), and
-prints the table. Nothing is logged to MLflow.
+prints the table. Nothing is logged to MLflow. `--append` keeps the table's other rows: a row of the same dataset, label,
+epochs and seed is replaced (one more probe without training the curves again; `--variants` then defaults to none).
 """
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
     return pd.DataFrame(rows)
 
 
+def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """The earlier table with the new rows added; an earlier row of the same (dataset, variant, epochs, seed) gives
+    way to the new one."""
+    key = ["dataset", "variant", "epochs", "seed"]
+    replaced = earlier.set_index(key).index.isin(new.set_index(key).index)
+    return pd.concat([earlier[~replaced], new], ignore_index=True)
+
+
 def labelled_variant(params, label: str, profile):
     """`name[:option=value,...][@profile_option=value,...]` -> (the variant with those options and the label as its
     name, the profile options to change)."""
@@ -127,18 +136,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=None)
     parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--variants", nargs="+", default=["mnad-pred", "mnad-recon", "memae"])
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="default: mnad-pred mnad-recon memae (none with --append)")
     parser.add_argument("--epochs", nargs="+", type=int, default=[2, 4, 6, 8])
     parser.add_argument("--probes", nargs="*", default=[])
     parser.add_argument("--probe-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "analysis")
+    parser.add_argument("--append", action="store_true", help="keep the table's other rows")
     args = parser.parse_args()
+    if args.variants is None:
+        args.variants = [] if args.append else ["mnad-pred", "mnad-recon", "memae"]
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as work:
         jobs = [(v, e, False) for v in args.variants for e in args.epochs]
         jobs += [(p, args.probe_epochs, True) for p in args.probes]
         table = curve(args.params, args.dataset, jobs, args.seed, Path(work))
-    write_csv(args.out / "tables" / "budget" / "learning_curve.csv", table)
+    path = args.out / "tables" / "budget" / "learning_curve.csv"
+    if args.append and path.exists():
+        table = appended(pd.read_csv(path), table)
+    write_csv(path, table)
     figure(table, args.out / "figures" / "budget" / "learning_curve.png")
     print(table.to_string(index=False))
     return 0

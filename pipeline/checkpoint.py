@@ -28,8 +28,9 @@ from pipeline.config import REPO_ROOT, Dataset, Variant
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 
-# The code whose change can change trained weights: the networks and losses, the loop and the clip loader.
-TRAINING_CODE = ("models", "pipeline/train.py", "pipeline/data.py")
+# The code whose change can change trained weights: the networks and losses, the loop, the clip loader and the
+# ranks' global-batch statistics.
+TRAINING_CODE = ("models", "pipeline/train.py", "pipeline/data.py", "pipeline/distributed.py")
 # Profile options that do not change the weights: loader processes, logging, how evaluation sets its threshold,
 # how many runs go side by side.
 PROFILE_NOT_TRAINING = ("num_workers", "log_steps", "update_threshold", "families", "concurrent_runs")
@@ -78,9 +79,10 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` atomically, as the same bytes whenever its values are the same."""
+    """Write `state` atomically, as the same bytes whenever its values are the same. Only one process writes a
+    run's checkpoint (rank 0), so a killed save's temporary file is removed by the next."""
     # Through a file object: given a path, torch names the archive's root folder after the (temporary) file name.
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, sole_writer=True) as tmp, open(tmp, "wb") as handle:
         try:
             torch.save(_interned(state), handle)
         except RuntimeError as exc:

@@ -387,6 +387,11 @@ class Params:
             raise ConfigError(f"unknown variant {name!r}; valid: {sorted(self.variants)} (variants in params.yaml)")
         return self.variants[name]
 
+    @property
+    def collapse_seeds(self) -> tuple[int, ...]:
+        """The seeds every setting of the collapse study trains: the first collapse.seeds of study.seeds."""
+        return self.study.seeds[:self.collapse.seeds]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading, and errors worded for the user
@@ -573,7 +578,9 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                f"another setting already trains {setting.variant} on {setting.dataset}")
         pairs.add((setting.dataset, setting.variant))
     _check(collapse.seeds <= len(study.seeds), "collapse.seeds",
-           f"{collapse.seeds} seeds asked, study.seeds lists {len(study.seeds)}")
+           f"{collapse.seeds} seeds asked, study.seeds lists {len(study.seeds)}; lower collapse.seeds to at most "
+           f"{len(study.seeds)} (with one seed: `dvc exp run -S 'study.seeds=[0]' -S collapse.seeds=1`) or list "
+           f"more seeds")
     evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
     gate = _validate(Gate, _section(raw, "gate"), "gate")
     analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")

@@ -16,6 +16,7 @@ Only rank 0 writes checkpoints, the training log and MLflow; every rank reads th
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 import torch.nn as nn
+
+from pipeline.errors import UserError
 
 # torch 2.13 marks the differentiable all-reduce deprecated in favour of a private module's, whose eager autograd
 # is not the same; the pinned version's works as documented.
@@ -81,23 +84,60 @@ def active_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The mean of `values` over the ranks (unchanged in a single process): a rank's mean over its share of the
-    batch becomes the global batch's mean, as every rank's share has the same size."""
-    size = active_world_size()
-    if size == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / size
-
-
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The sum of `values` over the ranks (unchanged in a single process); `values` itself is left as it was."""
     if active_world_size() == 1:
         return values
     values = values.clone()
     dist.all_reduce(values)
     return values
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the ranks: a rank's mean over its share of the batch becomes the global batch's
+    mean, as every rank's share has the same size."""
+    return sum_over_ranks(values) / active_world_size()
+
+
+def state_digest(state: dict) -> bytes:
+    """sha256 over the bytes of every tensor of a checkpoint's weights, memory and optimiser state, in key order."""
+    digest = hashlib.sha256()
+
+    def visit(value, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key], f"{name}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(item, f"{name}.{index}")
+    visit({"model": state["model"], "optimizer": state["optimizer"]}, "")
+    return digest.digest()
+
+
+def ranks_differing(digests: list[bytes]) -> list[int]:
+    """The ranks whose state digest differs from rank 0's."""
+    return [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+
+
+def same_on_every_rank(state: dict, world: World, epoch: int) -> None:
+    """Every rank must hold bit-identical weights, memory and optimiser state (the gradients are averaged and
+    the memory update gathers every rank's queries, so they do); a rank that drifted would make rank 0's
+    checkpoint describe a training that never happened. One all-gather of 32 bytes per rank per epoch."""
+    mine = torch.frombuffer(bytearray(state_digest(state)), dtype=torch.uint8)
+    everyone = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(everyone, mine)
+    differing = ranks_differing([bytes(d.tolist()) for d in everyone])
+    if differing:
+        raise UserError(f"distributed training: after epoch {epoch}, ranks {differing} hold weights, memory or "
+                        f"optimiser state that differ from rank 0's; a non-deterministic kernel or a rank-dependent "
+                        f"input is the likely cause. Report it with the run's params; train with launcher.kind local "
+                        f"meanwhile")
+    if world.writes:
+        print(f"epoch {epoch}: the {world.size} ranks hold bit-identical weights, memory and optimiser state "
+              f"(sha256 {bytes(mine.tolist()).hex()[:16]})")
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

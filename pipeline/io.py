@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -41,12 +42,20 @@ def disk_error(path: Path, exc: OSError, kind: str = "") -> UserError | None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, sole_writer: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    `sole_writer`: no other process ever writes `path` at the same time (a run's checkpoint), so the temporary
+    files of a writer that was killed (SIGKILL runs no cleanup) are removed first; otherwise they would stay in
+    the output folder, and DVC would cache them with it. Paths several processes may write at once (artifacts of
+    one MLflow study run from two queue workers) keep the default."""
     path = Path(path)
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if sole_writer:
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)

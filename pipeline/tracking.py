@@ -2,9 +2,8 @@
 
 - One experiment per dataset, tagged as model development so that the UI opens it on its runs table.
 - In each experiment, a parent run named `study` holds REPORT.md and the analysis figures; every run is nested
-  under it. It stays RUNNING until the report stage writes REPORT.md into it and finishes it (the report closes
-  the study's datasets' parent runs; those of the collapse study's own datasets, which hold its figures, stay
-  RUNNING by design).
+  under it. It stays RUNNING until the report stage writes REPORT.md into it and finishes it (the study's datasets'
+  parent runs, and those of the collapse study's own datasets, which hold its figures).
 - One run per (dataset, variant, seed) and workspace, named `<variant>/seed<S>`. Each execution of its `run@` stage
   starts the run afresh (the earlier one of the same workspace is deleted, after being closed as KILLED if a killed
   stage left it RUNNING), so the run's duration is that stage's own work and its curves describe the checkpoint that
@@ -40,6 +39,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -66,6 +66,8 @@ HOST_TAG = "memvad.host"            # the host of that checkout: one tracking se
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_TAG = "mlflow.parentRunId"
 RETRY_ENV = "MEMVAD_MLFLOW_RETRY_SECONDS"
+# What the numbers depend on beyond params.yaml: the packages that compute them (each run's tags, REPORT.md).
+VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
 DEFAULT_RETRY_SECONDS = 120.0
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -307,12 +309,9 @@ def git_commit() -> str:
 
 
 def environment_tags(device: str) -> dict[str, str]:
-    import cv2
-    import numpy
-    import torch
-
-    tags = {"git_commit": git_commit(), "torch_version": torch.__version__, "opencv_version": cv2.__version__,
-            "numpy_version": numpy.__version__, "python_version": platform.python_version(), "device": device}
+    """What a run computed with beyond its params: commit, Python, device and the VERSIONED packages' versions."""
+    tags = {"git_commit": git_commit(), "python_version": platform.python_version(), "device": device,
+            **{f"version.{name}": metadata.version(name) for name in VERSIONED}}
     if "CUDA_VISIBLE_DEVICES" in os.environ:   # the GPUs this process was given (one queue worker per GPU)
         tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return tags

@@ -20,7 +20,6 @@ was, and the weights are checked once more before every save.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import random
@@ -203,7 +202,7 @@ def train(dataset: Dataset, variant: Variant, seed: int, frames: Path, out_dir: 
                  "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": config,
                  "fingerprint": fingerprint, "log": log, "device": device.type, "world_size": world.size}
         if world.size > 1:
-            same_on_every_rank(state, world, epoch + 1)
+            distributed.same_on_every_rank(state, world, epoch + 1)
         if world.writes:
             ckpt.save_checkpoint(checkpoint_path, state)
             write_csv(log_path, pd.DataFrame(rows))
@@ -226,47 +225,6 @@ def _restore(checkpoint_path: Path, load: Callable[[], Any]) -> None:
 
 def _processes(device: str | None, ranks: int) -> str:
     return str(device) if ranks == 1 else f"{ranks} {device} processes"
-
-
-def state_digest(state: dict) -> bytes:
-    """sha256 over the bytes of every tensor of a checkpoint's weights, memory and optimiser state, in key order."""
-    digest = hashlib.sha256()
-
-    def visit(value, name: str) -> None:
-        if isinstance(value, torch.Tensor):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                visit(value[key], f"{name}.{key}")
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                visit(item, f"{name}.{index}")
-    visit({"model": state["model"], "optimizer": state["optimizer"]}, "")
-    return digest.digest()
-
-
-def ranks_differing(digests: list[bytes]) -> list[int]:
-    """The ranks whose state digest differs from rank 0's."""
-    return [rank for rank, digest in enumerate(digests) if digest != digests[0]]
-
-
-def same_on_every_rank(state: dict, world: World, epoch: int) -> None:
-    """Every rank must hold bit-identical weights, memory and optimiser state (the gradients are averaged and
-    the memory update gathers every rank's queries, so they do); a rank that drifted would make rank 0's
-    checkpoint describe a training that never happened. One all-gather of 32 bytes per rank per epoch."""
-    mine = torch.frombuffer(bytearray(state_digest(state)), dtype=torch.uint8)
-    everyone = [torch.empty_like(mine) for _ in range(world.size)]
-    torch.distributed.all_gather(everyone, mine)
-    differing = ranks_differing([bytes(d.tolist()) for d in everyone])
-    if differing:
-        raise UserError(f"distributed training: after epoch {epoch}, ranks {differing} hold weights, memory or "
-                        f"optimiser state that differ from rank 0's; a non-deterministic kernel or a rank-dependent "
-                        f"input is the likely cause. Report it with the run's params; train with launcher.kind local "
-                        f"meanwhile")
-    if world.writes:
-        print(f"epoch {epoch}: the {world.size} ranks hold bit-identical weights, memory and optimiser state "
-              f"(sha256 {bytes(mine.tolist()).hex()[:16]})")
 
 
 def finite_weights(model) -> bool:

@@ -29,3 +29,18 @@ def test_step_flops_counts_forward_and_backward_convolutions_by_hand():
     # backward: the first layer's input needs no gradient, so only its weight gradient (one forward's worth);
     # the second layer needs both its input's and its weight's gradient
     assert step_flops(model, optimizer, inputs, target, variant) == 2 * first + 3 * second == 39936
+
+
+def test_an_appended_probe_replaces_its_own_row_and_keeps_the_others():
+    import pandas as pd
+
+    from benchmarks.learning_curve import appended
+
+    key = {"dataset": "synthetic", "seed": 0}
+    earlier = pd.DataFrame([{**key, "variant": "memae", "epochs": 4, "auc_micro": 0.73},
+                            {**key, "variant": "memae:input_frames=8", "epochs": 4, "auc_micro": 0.50},
+                            {**key, "variant": "memae", "epochs": 8, "auc_micro": 0.74}])
+    new = pd.DataFrame([{**key, "variant": "memae:input_frames=8", "epochs": 4, "auc_micro": 0.80}])
+    table = appended(earlier, new)
+    assert table[["variant", "epochs", "auc_micro"]].values.tolist() == [
+        ["memae", 4, 0.73], ["memae", 8, 0.74], ["memae:input_frames=8", 4, 0.80]]

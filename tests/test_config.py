@@ -79,6 +79,17 @@ def test_copy_last_cannot_be_trained(raw):
         parse_params(raw)
 
 
+def test_one_seed_needs_one_collapse_seed_and_the_error_gives_the_command(raw):
+    raw["study"]["seeds"] = [0]
+    with pytest.raises(ConfigError, match=r"collapse.seeds: 2 seeds asked, study.seeds lists 1; lower collapse.seeds "
+                                          r"to at most 1 \(with one seed: `dvc exp run -S 'study.seeds=\[0\]' -S "
+                                          r"collapse.seeds=1`\)"):
+        parse_params(raw)
+    raw["collapse"]["seeds"] = 1
+    params = parse_params(raw)
+    assert params.collapse_seeds == (0,) and params.study.seeds == (0,)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("study: [unclosed\n")

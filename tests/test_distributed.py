@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from models.noise import salt_and_pepper
 from params_files import params_file
 from local_processes import free_port
-from pipeline import train
+from pipeline import distributed, train
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, REPO_ROOT, load_params
 from pipeline.distributed import World
@@ -193,5 +193,5 @@ def test_launcher_options(tmp_path):
 
 
 def test_a_rank_whose_state_differs_is_named():
-    assert train.ranks_differing([b"a", b"a", b"a"]) == []
-    assert train.ranks_differing([b"a", b"b", b"a", b"c"]) == [1, 3]
+    assert distributed.ranks_differing([b"a", b"a", b"a"]) == []
+    assert distributed.ranks_differing([b"a", b"b", b"a", b"c"]) == [1, 3]

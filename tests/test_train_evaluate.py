@@ -2,6 +2,7 @@
 retrain, evaluation's test-time update, and the MLflow run of each execution."""
 import copy
 import json
+from importlib import metadata
 
 import numpy as np
 import pandas as pd
@@ -124,7 +125,9 @@ def test_same_seed_gives_identical_metrics_and_mlflow_holds_one_run(tiny_data, t
     assert logged.data.metrics["auc_micro"] == metrics["with_update"]["auc_micro"]   # the headline, sortable
     assert logged.data.params["variant.compactness_weight"] == "0.01" and logged.data.params["variant.task"] == \
         "reconstruct"
-    assert logged.data.tags["dvc_stage"] == "-" and "torch_version" in logged.data.tags   # not run by DVC here
+    assert logged.data.tags["dvc_stage"] == "-"   # not run by DVC here
+    assert logged.data.tags["version.torch"] == metadata.version("torch")
+    assert logged.data.tags["version.scikit-learn"] == metadata.version("scikit-learn")
 
 
 def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_seeds(tiny_data, tmp_path):
