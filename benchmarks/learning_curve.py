@@ -155,7 +155,10 @@ def main() -> int:
     if args.append and path.exists():
         table = appended(pd.read_csv(path), table)
     write_csv(path, table)
-    figure(table, args.out / "figures" / "budget" / "learning_curve.png")
+    if (~table["probe"].astype(bool)).any():
+        figure(table, args.out / "figures" / "budget" / "learning_curve.png")
+    else:
+        print("only probes in the table: no curve to draw")
     print(table.to_string(index=False))
     return 0
 
