@@ -268,7 +268,8 @@ def test_a_checkpoint_of_another_variant_profile_code_seed_or_frames_says_what_d
     with monkeypatch.context() as patch:
         patch.setattr(ckpt, "code_digest", lambda: "f" * 64)
         message = refusal(finished, tiny_data)
-    assert ("it was trained with other training code (models, pipeline/train.py, pipeline/data.py changed since it "
+    assert ("it was trained with other training code (models, pipeline/train.py, pipeline/data.py, "
+            "pipeline/distributed.py changed since it "
             "was trained); rerun") in message
 
     assert "it was trained with other seed (0 in the checkpoint, 1 now)" in refusal(finished, tiny_data, seed=1)
