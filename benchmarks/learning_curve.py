@@ -111,9 +111,12 @@ def _assignments(model, text: str) -> dict:
     return changed
 
 
-def figure(table: pd.DataFrame, path: Path) -> Path:
-    """Per variant: AUC per anomaly type and micro AUC against steps (left axis), training loss (right axis)."""
+def figure(table: pd.DataFrame, path: Path) -> Path | None:
+    """Per variant: AUC per anomaly type and micro AUC against steps (left axis), training loss (right axis). Probes
+    are not curves: a table of probes only draws nothing (None)."""
     table = table[~table["probe"].astype(bool)]
+    if table.empty:
+        return None
     variants = list(dict.fromkeys(table["variant"]))
     fig, axes = plotting.figure(1, len(variants), panel=(3.4, 2.8))
     for ax, variant in zip(axes[0], variants):
@@ -155,9 +158,7 @@ def main() -> int:
     if args.append and path.exists():
         table = appended(pd.read_csv(path), table)
     write_csv(path, table)
-    if (~table["probe"].astype(bool)).any():
-        figure(table, args.out / "figures" / "budget" / "learning_curve.png")
-    else:
+    if figure(table, args.out / "figures" / "budget" / "learning_curve.png") is None:
         print("only probes in the table: no curve to draw")
     print(table.to_string(index=False))
     return 0

@@ -44,3 +44,14 @@ def test_an_appended_probe_replaces_its_own_row_and_keeps_the_others():
     table = appended(earlier, new)
     assert table[["variant", "epochs", "auc_micro"]].values.tolist() == [
         ["memae", 4, 0.73], ["memae", 8, 0.74], ["memae:input_frames=8", 4, 0.80]]
+
+
+def test_a_table_of_probes_only_draws_no_learning_curve(tmp_path):
+    import pandas as pd
+
+    from benchmarks.learning_curve import figure
+
+    probes = pd.DataFrame([{"dataset": "synthetic", "variant": "memae:input_frames=8", "probe": True, "epochs": 4,
+                            "steps": 248, "final_loss": 0.08, "learnt": True, "auc_micro": 0.75}])
+    assert figure(probes, tmp_path / "learning_curve.png") is None
+    assert list(tmp_path.iterdir()) == []

@@ -110,8 +110,6 @@ def test_a_torchrun_training_is_one_mlflow_run_and_one_checkpoint_series(torchru
                                                         "train_log.csv"]
 
 
-
-
 def test_a_torchrun_training_resumes_on_two_hosts_to_the_same_checkpoint(torchrun_study, tiny_data, tmp_path):
     """Interrupted after epoch 1 on one host with 2 processes, resumed by two torchrun agents of one process each
     meeting at a c10d rendezvous on 127.0.0.1, as two hosts would: the checkpoint of the uninterrupted run, byte

@@ -67,8 +67,6 @@ def postgres_bin() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-
-
 def stop(process: subprocess.Popen, first: signal.Signals, timeout: float = 30) -> None:
     """`first` to the process (a server's own clean shutdown), then SIGKILL to its whole group if it lingers."""
     if process.poll() is None:
@@ -178,11 +176,6 @@ def mlflow_server(backend: str, password: str, artifacts: Path, logs: Path) -> I
 
 
 # --- 2. the workers' host, 3. the collecting host -------------------------------------------------------------
-
-
-
-
-
 
 
 def start_workers(work: Path, env: dict, gpus: list[str], timeout: float = 300) -> None:
