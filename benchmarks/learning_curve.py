@@ -4,8 +4,10 @@
         [--variants mnad-pred mnad-recon memae] [--probes 'memae:shrink_threshold=0.0025' 'memae@width=0.5']
         [--probe-epochs 4] [--seed 0] [--out analysis] [--append]
 
-A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`) and profile
-overrides after an at sign (`memae@width=0.5`): it is then trained as a copy with those options, under that label.
+A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`), profile
+overrides after an at sign (`memae@width=0.5`) and overrides of the dataset's generator after a hash
+(`memae#normal_speed=1.25,anomaly_speed=2.5`: frames rendered for that label alone): it is then trained as a copy
+with those options, under that label.
 Probes (`--probes`) are such labels trained at one length only (`--probe-epochs`), to test one suspect at a time;
 they are rows of the table, not curves of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
 each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder), evaluates it
@@ -24,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import plotting  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
-from pipeline.config import ANOMALY_TYPES, load_params  # noqa: E402
+from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
 from pipeline.device import compute_device  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.gate import learning_gate  # noqa: E402
@@ -44,14 +47,14 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
     """One row per (label, epochs, probe) of `jobs`."""
     params = load_params(params_path)
     base = params.dataset(dataset_name)
-    prepare(dataset_name, params_path, work / "data")
-    frames = frames_dir(dataset_name, work / "data")
     device = compute_device()
     rows = []
     for variant_name, epochs, probe in jobs:
-        variant, profile_options = labelled_variant(params, variant_name, base.profile)
+        variant, profile_options, source_options = labelled_variant(params, variant_name, base)
+        frames = rendered(params_path, dataset_name, source_options, work)
         profile = base.profile.model_copy(update={**profile_options, "epochs": epochs})
-        dataset = base.model_copy(update={"profile": profile})
+        dataset = base.model_copy(update={"profile": profile,
+                                          "source": base.source.model_copy(update=source_options)})
         out = run_dir(dataset_name, "".join(c if c.isalnum() else "_" for c in variant_name), seed,
                       work / f"runs-{epochs}")
         started = time.perf_counter()
@@ -89,16 +92,35 @@ def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([earlier[~replaced], new], ignore_index=True)
 
 
-def labelled_variant(params, label: str, profile):
-    """`name[:option=value,...][@profile_option=value,...]` -> (the variant with those options and the label as its
-    name, the profile options to change)."""
-    label_variant, _, profile_part = label.partition("@")
+def labelled_variant(params, label: str, dataset):
+    """`name[:option=value,...][@profile_option=value,...][#source_option=value,...]` -> (the variant with those
+    options and the label as its name, the profile options to change, the generator options to change)."""
+    label_rest, _, source_part = label.partition("#")
+    label_variant, _, profile_part = label_rest.partition("@")
     name, _, options = label_variant.partition(":")
     variant = params.variant(name)
     changed = _assignments(variant, options)
-    profile_changes = _assignments(profile, profile_part)
-    renamed = variant.model_copy(update={**changed, "name": label}) if changed or profile_changes else variant
-    return renamed, profile_changes
+    profile_changes = _assignments(dataset.profile, profile_part)
+    source_changes = _assignments(dataset.source, source_part)
+    renamed = (variant.model_copy(update={**changed, "name": label}) if changed or profile_changes or source_changes
+               else variant)
+    return renamed, profile_changes, source_changes
+
+
+def rendered(params_path: Path | None, dataset_name: str, source_changes: dict, work: Path) -> Path:
+    """The frames folder of the dataset, with `source_changes` applied to its generator: prepared once per distinct
+    change under `work` (a params file of their own, so that prepare renders exactly what the label says)."""
+    name = "data" + "".join(f"-{k}={v}" for k, v in sorted(source_changes.items()))
+    frames = frames_dir(dataset_name, work / name)
+    if not frames.exists():
+        path = params_path
+        if source_changes:
+            raw = yaml.safe_load((params_path or DEFAULT_PARAMS).read_text())
+            raw["datasets"][dataset_name]["source"].update(source_changes)
+            path = work / f"params-{name}.yaml"
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        prepare(dataset_name, path, work / name)
+    return frames
 
 
 def _assignments(model, text: str) -> dict:

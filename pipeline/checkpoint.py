@@ -79,10 +79,9 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` atomically, as the same bytes whenever its values are the same. Only one process writes a
-    run's checkpoint (rank 0), so a killed save's temporary file is removed by the next."""
+    """Write `state` atomically, as the same bytes whenever its values are the same."""
     # Through a file object: given a path, torch names the archive's root folder after the (temporary) file name.
-    with atomic_path(path, sole_writer=True) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         try:
             torch.save(_interned(state), handle)
         except RuntimeError as exc:

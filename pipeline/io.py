@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
 import shutil
@@ -42,20 +41,13 @@ def disk_error(path: Path, exc: OSError, kind: str = "") -> UserError | None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, sole_writer: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    `sole_writer`: no other process ever writes `path` at the same time (a run's checkpoint), so the temporary
-    files of a writer that was killed (SIGKILL runs no cleanup) are removed first; otherwise they would stay in
-    the output folder, and DVC would cache them with it. Paths several processes may write at once (artifacts of
-    one MLflow study run from two queue workers) keep the default."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A writer killed by
+    SIGKILL (which runs no cleanup) leaves its temporary (`.<name>.*.tmp`): see `remove_temporaries`."""
     path = Path(path)
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if sole_writer:
-            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-                stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
@@ -73,6 +65,16 @@ def atomic_path(path: str | os.PathLike, sole_writer: bool = False) -> Iterator[
         if tmp_path is not None:
             with contextlib.suppress(OSError):
                 tmp_path.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers left in `folder` (`atomic_path`'s `.<name>.*.tmp`); returns them.
+    Only for a folder whose one writer is the caller (a run's folder, written by its run alone), and which
+    persists across stage executions: DVC would otherwise cache the leftovers with it."""
+    removed = sorted(Path(folder).glob(".*.tmp"))
+    for stale in removed:
+        stale.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,5 +1,5 @@
 """The runs of one variant on one dataset: `python -m pipeline.run --dataset D --variant V [--seed S ...]` (the
-`run@`, `baseline@` and `collapse@` stages; every seed of study.seeds unless --seed or --first-seeds says which).
+`run@`, `baseline@` and `collapse@` stages; every seed of study.seeds unless --seed or --collapse-seeds says which).
 
 Each run (one seed) trains the variant (a no-op when runs/<dataset>/<variant>/seed<S>/checkpoint.pt is finished and
 its training fingerprint matches: an evaluation-only change never retrains; an interrupted training resumes), then
@@ -33,7 +33,7 @@ from pipeline.config import load_params
 from pipeline.device import compute_device
 from pipeline.errors import UserError, exit_cleanly
 from pipeline.gate import learning_gate
-from pipeline.io import write_json
+from pipeline.io import remove_temporaries, write_json
 from pipeline.paths import frames_dir, run_dir, variant_metrics_path
 
 
@@ -58,6 +58,7 @@ def _run(dataset_name: str, variant_name: str, seed: int, params_path: Path | No
     dataset, variant = params.dataset(dataset_name), params.variant(variant_name)
     frames = frames_dir(dataset_name, data_root)
     out_dir = run_dir(dataset_name, variant_name, seed, runs_root)
+    remove_temporaries(out_dir)   # this run is its folder's one writer; the folder persists across executions
     device = compute_device()
     # Every MLflow call below is a no-op once the store has failed (keep_going): the run's outputs never wait on it.
     mlflow_run = tracking.Run(dataset_name, variant_name, seed, keep_going=True) if track else tracking.offline()
@@ -168,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--seed", type=int, action="append", help="a seed to run (default: study.seeds)")
-    parser.add_argument("--first-seeds", type=int, help="run the first this many of study.seeds (the collapse study)")
+    parser.add_argument("--collapse-seeds", action="store_true",
+                        help="run the collapse study's seeds (the first collapse.seeds of study.seeds)")
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the repository's)")
     args = parser.parse_args(argv)
     seeds = args.seed
-    if args.first_seeds is not None:
-        seeds = list(load_params(args.params).study.seeds[:args.first_seeds])
+    if args.collapse_seeds:
+        seeds = list(load_params(args.params).collapse_seeds)
     run_seeds(args.dataset, args.variant, seeds, args.params)
     return 0
 

@@ -66,8 +66,6 @@ HOST_TAG = "memvad.host"            # the host of that checkout: one tracking se
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_TAG = "mlflow.parentRunId"
 RETRY_ENV = "MEMVAD_MLFLOW_RETRY_SECONDS"
-# What the numbers depend on beyond params.yaml: the packages that compute them (each run's tags, REPORT.md).
-VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
 DEFAULT_RETRY_SECONDS = 120.0
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -308,10 +306,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+# What the numbers depend on beyond params.yaml: the packages that compute them (each run's tags, REPORT.md).
+VERSIONED = ("torch", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless", "dvc", "mlflow")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed version of each VERSIONED package, from its metadata (nothing is imported)."""
+    return {name: metadata.version(name) for name in VERSIONED}
+
+
 def environment_tags(device: str) -> dict[str, str]:
     """What a run computed with beyond its params: commit, Python, device and the VERSIONED packages' versions."""
     tags = {"git_commit": git_commit(), "python_version": platform.python_version(), "device": device,
-            **{f"version.{name}": metadata.version(name) for name in VERSIONED}}
+            **{f"version.{name}": version for name, version in package_versions().items()}}
     if "CUDA_VISIBLE_DEVICES" in os.environ:   # the GPUs this process was given (one queue worker per GPU)
         tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return tags

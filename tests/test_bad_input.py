@@ -579,19 +579,6 @@ def test_full_disk_in_each_writer(tmp_path, monkeypatch):
             open(tmp_path / "no" / "such" / "file")
 
 
-def test_a_killed_checkpoint_save_leaves_nothing_once_the_next_save_ran(tmp_path):
-    """SIGKILL runs no cleanup: the temporary file of a killed save stays until the next save of that checkpoint
-    (its only writer) removes it; a temporary of another output that may have writers of its own is left alone."""
-    path = tmp_path / "checkpoint.pt"
-    killed = tmp_path / ".checkpoint.pt.k1ll3d.tmp"
-    killed.write_bytes(b"half a checkpoint")
-    other = tmp_path / ".metrics.json.w0rk1n.tmp"
-    other.write_bytes(b"another writer's")
-    ckpt.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.json.w0rk1n.tmp", "checkpoint.pt"]
-    assert ckpt.load_checkpoint(path)["epoch"] == 1
-
-
 def test_full_disk_while_building_a_folder_keeps_the_previous_one(tmp_path):
     final = tmp_path / "frames" / "tiny"
     with io.atomic_folder(final) as staging:

@@ -55,3 +55,27 @@ def test_a_table_of_probes_only_draws_no_learning_curve(tmp_path):
                             "steps": 248, "final_loss": 0.08, "learnt": True, "auc_micro": 0.75}])
     assert figure(probes, tmp_path / "learning_curve.png") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_probe_label_sets_variant_profile_and_generator_options_and_renders_its_own_frames(tmp_path):
+    import json
+
+    from benchmarks.learning_curve import labelled_variant, rendered
+    from pipeline.config import load_params
+
+    params = load_params(None)
+    label = "memae:shrink_threshold=0.001@width=0.5#normal_speed=1.25,transform_existing=false"
+    variant, profile_changes, source_changes = labelled_variant(params, label, params.dataset("synthetic"))
+    assert (variant.name, variant.shrink_threshold, variant.family) == (label, 0.001, "memae")
+    assert profile_changes == {"width": 0.5}
+    assert source_changes == {"normal_speed": 1.25, "transform_existing": False}
+    plain, _, none = labelled_variant(params, "memae", params.dataset("synthetic"))
+    assert plain == params.variant("memae") and none == {}
+
+    frames = rendered(None, "tiny", {"normal_speed": 3.0}, tmp_path)
+    generator = json.loads((frames.parent.parent / "raw" / "tiny" / "generator.json").read_text())
+    assert generator["source"]["normal_speed"] == 3.0 and any(frames.rglob("*.png"))
+    default = rendered(None, "tiny", {}, tmp_path)
+    assert default != frames
+    assert json.loads((default.parent.parent / "raw" / "tiny" / "generator.json").read_text())["source"][
+        "normal_speed"] == load_params(None).dataset("tiny").source.normal_speed != 3.0

@@ -219,3 +219,50 @@ def test_a_study_with_no_runs_claims_nothing(tmp_path):
     assert "holds" not in claims and "inconclusive" not in claims
     assert claims.count("not run here") >= 10
     assert "0 of 31 evaluated runs found" in text
+
+
+def test_the_learning_curve_table_names_each_rows_dataset_seed_and_whether_it_is_a_probe(tmp_path):
+    from analysis.report import learning_curve_table
+    row = {"steps": 248, "train_seconds": 39.6, "late_improvement": 0.0562, "normal_psnr": 21.62, "floor_psnr": 15.8,
+           "auc_micro": 0.8014, "auc_spatial": 0.56, "auc_temporal": 0.914, "auc_spatio_temporal": 0.9186}
+    pd.DataFrame([{"dataset": "synthetic", "variant": "memae", "probe": False, "seed": 0, "epochs": 4,
+                   "zero_rows": 0.25, "learnt": True, **row},
+                  {"dataset": "synthetic-scenes", "variant": "mnad-pred@lr=0.001", "probe": True, "seed": 2,
+                   "epochs": 4, "zero_rows": np.nan, "learnt": False, **row}]).to_csv(tmp_path / "curve.csv")
+    lines = learning_curve_table(tmp_path / "curve.csv").splitlines()
+    assert lines[0].startswith("| dataset | variant | seed | epochs |")
+    assert lines[2:] == [
+        "| synthetic | `memae` | 0 | 4 | 248 | 40 | 5.6% | 21.6 / 15.8 | yes | 80.1 | 56.0 | 91.4 | 91.9 | 25% |",
+        "| synthetic-scenes | `mnad-pred@lr=0.001` (probe) | 2 | 4 | 248 | 40 | 5.6% | 21.6 / 15.8 | no | 80.1 | 56.0 "
+        "| 91.4 | 91.9 | — |"]
+
+
+def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_probe(tmp_path):
+    from analysis.report import per_type_lines
+    from analysis.results import Results
+
+    aucs = {"mnad-recon": {"spatial": (0.95, 0.97), "temporal": (0.55, 0.57)},
+            "mnad-pred": {"spatial": (0.60, 0.62), "temporal": (0.92, 0.94)},
+            "memae": {"spatial": (0.40, 0.46), "temporal": (0.85, 0.85)}}
+    rows = [{"dataset": "synthetic", "variant": v, "seed": seed, "scoring": "s", "headline": headline,
+             "anomaly_type": kind, "auc": pair[seed] if headline else 0.0}
+            for v, kinds in aucs.items() for kind, pair in kinds.items() for seed in (0, 1)
+            for headline in (True, False)]
+    (tmp_path / "tables" / "anomaly_types" / "synthetic").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(tmp_path / "tables" / "anomaly_types" / "synthetic" / "per_type_auc.csv", index=False)
+    (tmp_path / "tables" / "budget").mkdir(parents=True)
+    pd.DataFrame([{"dataset": "synthetic", "variant": "memae", "probe": False, "auc_spatial": 0.9},
+                  {"dataset": "synthetic", "variant": "memae:x=1", "probe": True, "auc_spatial": 0.5},
+                  {"dataset": "synthetic", "variant": "memae#normal_speed=1.25", "probe": True, "auc_spatial": 0.56},
+                  {"dataset": "synthetic", "variant": "mnad-pred@lr=1", "probe": True, "auc_spatial": 0.99},
+                  {"dataset": "synthetic-scenes", "variant": "memae:y=2", "probe": True, "auc_spatial": 0.98}]
+                 ).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
+    lines = "\n".join(per_type_lines(Results(load_params(None), None, tmp_path, tmp_path), "synthetic")).splitlines()
+    assert lines[2:7] == ["| variant | spatial | temporal |", "|---|---|---|",
+                          "| `mnad-recon` | 96.0 ± 1.4 | 56.0 ± 1.4 |", "| `mnad-pred` | 61.0 ± 1.4 | 93.0 ± 1.4 |",
+                          "| `memae` | 43.0 ± 4.2 | 85.0 ± 0.0 |"]
+    assert lines[8] == (
+        "What the set is built to show: a reconstruction model ≥ 90 on spatial: best `mnad-recon` 96.0 → met; a "
+        "prediction model ≥ 90 on temporal: best `mnad-pred` 93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 → "
+        "**not met**; of its 2 probes (one suspect each, under Training budget) the best on spatial is "
+        "`memae#normal_speed=1.25` with 56.0.")

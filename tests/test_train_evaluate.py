@@ -134,9 +134,16 @@ def test_the_stage_runs_every_seed_writes_the_variant_metrics_and_drops_stale_se
     stale = run_dir("tiny", "ae-pred", 7, tmp_path)
     stale.mkdir(parents=True)
     (stale / "metrics.json").write_text("{}")
+    # what writers killed by SIGKILL (no cleanup) left in a kept seed's folder: DVC would cache it with the folder
+    killed = run_dir("tiny", "ae-pred", 0, tmp_path)
+    killed.mkdir(parents=True)
+    for name in (".checkpoint.pt.k1ll3d.tmp", ".scores.csv.k1ll3d.tmp"):
+        (killed / name).write_bytes(b"half a file")
     results = run_seeds("tiny", "ae-pred", [0, 1], data_root=tiny_data, runs_root=tmp_path,
                         metrics_root=tmp_path / "metrics")
     assert sorted(results) == [0, 1] and not stale.exists()
+    assert sorted(p.name for p in killed.iterdir()) == ["checkpoint.pt", "metrics.json", "roc.csv", "scores.csv",
+                                                       "train_log.csv"]
     tracked = json.loads((tmp_path / "metrics" / "tiny" / "ae-pred.json").read_text())
     assert tracked == {f"seed{s}": json.loads((run_dir("tiny", "ae-pred", s, tmp_path) / "metrics.json").read_text())
                        for s in (0, 1)}
