@@ -328,6 +328,7 @@ class Analysis(Options):
     tsne_perplexity: Positive
     collapse_share: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 1.0, "must be a share in (0, 1]")]
     position_coded_nmi: Annotated[StrictFloat, rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")]
+    narrowing_slope: Annotated[StrictFloat, rule(lambda v: v >= 0, "must be 0 or more (nats per decade), got {value}")]
     usage_test_windows: CountOrAll
     usage_train_windows: CountOrAll
     replacement_variants: tuple[StrictStr, ...]

@@ -266,3 +266,17 @@ def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_pr
         "prediction model ≥ 90 on temporal: best `mnad-pred` 93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 → "
         "**not met**; of its 2 probes (one suspect each, under Training budget) the best on spatial is "
         "`memae#normal_speed=1.25` with 56.0.")
+
+
+def test_usage_narrows_with_steps_only_when_every_seeds_entropy_slope_is_steeper_than_the_stated_rate():
+    from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE
+    from analysis.report import narrowing_verdict
+
+    def verdict(slopes, errors):
+        return narrowing_verdict(pd.Series(slopes), pd.Series(errors), 0.05)
+    # usage fixed early: the fitted slope is rounding noise around 0, which is no narrowing
+    assert verdict([-3.2e-16, -2.5e-15], [8.5e-16, 1.9e-15]) == DOES_NOT_HOLD
+    assert verdict([-0.30, -0.20], [0.02, 0.05]) == HOLDS            # upper ends -0.26 and -0.10
+    assert verdict([-0.30, -0.06], [0.02, 0.02]) == INCONCLUSIVE     # the second's interval straddles -0.05
+    assert verdict([-0.30, -0.01], [0.02, 0.01]) == INCONCLUSIVE     # the seeds disagree
+    assert verdict([-0.30, np.nan], [0.02, np.nan]) == INCONCLUSIVE
