@@ -359,13 +359,16 @@ def assess_collapse_study(results: Results) -> Assessment:
     if base.empty:
         return Assessment(["the collapse study has no `base` setting run"], NOT_RUN)
     failed = [f"{r.setting} s{r.seed}" for r in base.itertuples() if not r.learnt]
-    collapsed = final[final["top_share"] >= share]
+    learnt = final[final["learnt"].astype(bool)]
+    collapsed = learnt[learnt["top_share"] >= share]
+    others_unlearnt = [f"{r.setting} s{r.seed}" for r in final.itertuples() if not r.learnt and r.setting != "base"]
     lines = [f"base setting: top item {base['top_share'].min():.0%}–{base['top_share'].max():.0%} of the test "
              f"queries after {int(base['steps'].max())} steps; collapsed in {int((base['top_share'] >= share).sum())}"
              f" of {len(base)} seeds",
-             "settings that collapsed: " + (", ".join(sorted(set(collapsed["setting"]))) or "none"),
+             "settings that collapsed in a learnt run: " + (", ".join(sorted(set(collapsed["setting"]))) or "none")
+             + (f" (not learnt, so deciding nothing: {', '.join(others_unlearnt)})" if others_unlearnt else ""),
              "rule: holds when more than half of the base setting's seeds collapse, does not hold when no setting "
-             "collapses in any seed (see the collapse-study section)"]
+             "collapses in any learnt seed (see the collapse-study section)"]
     if failed:
         return Assessment([f"rests on runs that have not learnt (learning gate): {', '.join(failed)}", *lines],
                           UNDERTRAINED)

@@ -329,26 +329,33 @@ def collapse_conclusions(final: pd.DataFrame, share: float, narrowing: float) ->
 
     collapsed = sorted(set(final[final["top_share"] >= share]["setting"]))
     lines = [f"- **Collapsed** (top item ≥ {share:.0%} in some seed): {', '.join(collapsed) if collapsed else 'none'}."]
-    parts = []
+    parts = []   # (what the part tests, the settings it rests on, its verdict on their numbers)
     if {"base", "recon-no-skips", "pred-no-skips"} <= set(final["setting"]):
         for other in ("recon-no-skips", "pred-no-skips"):
-            parts.append((f"with skips usage is narrower than {other} (top share)",
+            parts.append((f"with skips usage is narrower than {other} (top share)", ("base", other),
                           dominance(values("base", "top_share"), values(other, "top_share"))))
-            parts.append((f"with skips the item is set by position more than in {other} (NMI)",
+            parts.append((f"with skips the item is set by position more than in {other} (NMI)", ("base", other),
                           dominance(values("base", "position_nmi"), values(other, "position_nmi"))))
     if {"base", "query-map-8x8"} <= set(final["setting"]):
-        parts.append(("a larger query map narrows usage (top share 8x8 above 4x4)",
+        parts.append(("a larger query map narrows usage (top share 8x8 above 4x4)", ("query-map-8x8", "base"),
                       dominance(values("query-map-8x8", "top_share"), values("base", "top_share"))))
     if "base" in set(final["setting"]):
         parts.append((f"usage narrows with training steps (the base setting's usage entropy falls faster than "
                       f"{narrowing:g} nats per decade of steps: the slope's 95% interval below -{narrowing:g} in every "
-                      f"seed; above it in every seed: does not hold)",
+                      f"seed; above it in every seed: does not hold)", ("base",),
                       narrowing_verdict(values("base", "entropy_slope"), values("base", "entropy_slope_error"),
                                         narrowing)))
+    decided = []
+    for text, settings, verdict in parts:   # a part that rests on a run that has not learnt decides nothing
+        unlearnt = [f"{r.setting} s{r.seed}" for r in final[final["setting"].isin(settings)].itertuples()
+                    if not r.learnt]
+        decided.append((text, UNDERTRAINED if unlearnt else verdict,
+                        f" (not learnt: {', '.join(unlearnt)}; its numbers alone: {verdict})" if unlearnt else ""))
     lines.append("- **Hypothesis** (with skips the decoder can ignore the memory read, the memory losses then favour "
                  "input-independent queries, and interior positions share one item; the effect grows with steps and "
                  "the query map's size, with skips and not without): " + "; ".join(
-                     f"{text} → {verdict}" for text, verdict in parts) + f". Overall: **{combine([v for _, v in parts])}**.")
+                     f"{text} → {verdict}{why}" for text, verdict, why in decided)
+                 + f". Overall: **{combine([verdict for _, verdict, _ in decided])}**.")
     if not collapsed:
         base = final[final["setting"] == "base"]
         lines.append(f"- Nothing collapsed within the budget. The largest regime tried: {int(final['steps'].max())} "

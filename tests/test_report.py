@@ -285,3 +285,40 @@ def test_usage_narrows_with_steps_only_when_every_seeds_entropy_slope_is_steeper
     assert verdict([-0.30, -0.06], [0.02, 0.02]) == INCONCLUSIVE     # the second's interval straddles -0.05
     assert verdict([-0.30, -0.01], [0.02, 0.01]) == INCONCLUSIVE     # the seeds disagree
     assert verdict([-0.30, np.nan], [0.02, np.nan]) == INCONCLUSIVE
+
+
+def _collapse_final(rows):
+    columns = ["setting", "seed", "steps", "learnt", "top_share", "position_nmi", "entropy_slope",
+               "entropy_slope_error"]
+    return pd.DataFrame([dict(zip(columns, row)) for row in rows])
+
+
+def test_a_hypothesis_part_or_collapse_verdict_resting_on_an_unlearnt_run_decides_nothing():
+    from analysis.report import collapse_conclusions
+
+    final = _collapse_final([("base", 0, 2688, True, 0.44, 1.0, -0.3, 0.01),
+                             ("base", 1, 2688, True, 0.19, 1.0, -0.2, 0.01),
+                             ("query-map-8x8", 0, 2688, True, 0.75, 1.0, 0.0, 0.0),
+                             ("query-map-8x8", 1, 2688, False, 0.56, 0.6, 0.0, 0.0)])
+    hypothesis = collapse_conclusions(final, 0.9, 0.05)[1]
+    assert ("a larger query map narrows usage (top share 8x8 above 4x4) → undertrained (not learnt: query-map-8x8 s1;"
+            " its numbers alone: holds)") in hypothesis
+    assert "usage narrows with training steps" in hypothesis and "does not hold) → holds" in hypothesis
+    assert hypothesis.endswith("Overall: **undertrained**.")
+
+
+def test_the_collapse_studys_c5_verdict_counts_collapses_of_learnt_runs_only(tmp_path):
+    from analysis.claims import assess_collapse_study
+    from analysis.results import Results
+
+    (tmp_path / "tables" / "collapse").mkdir(parents=True)
+    final = _collapse_final([("base", 0, 2688, True, 0.44, 1.0, 0.0, 0.0), ("base", 1, 2688, True, 0.19, 1.0, 0.0, 0.0),
+                             ("one-scene", 0, 2688, False, 0.95, 1.0, 0.0, 0.0)])
+    final.to_csv(tmp_path / "tables" / "collapse" / "final.csv", index=False)
+    assessment = assess_collapse_study(Results(load_params(None), None, tmp_path, tmp_path))
+    assert assessment.verdict == "does not hold"
+    assert ("settings that collapsed in a learnt run: none (not learnt, so deciding nothing: one-scene s0)"
+            in assessment.lines)
+    final.loc[2, "learnt"] = True   # the same collapse in a learnt run: neither holds (base did not) nor does not
+    final.to_csv(tmp_path / "tables" / "collapse" / "final.csv", index=False)
+    assert assess_collapse_study(Results(load_params(None), None, tmp_path, tmp_path)).verdict == "inconclusive"
