@@ -48,19 +48,20 @@ Assessor = Callable[[Results, str, str], Assessment]  # (results, dataset, claim
 
 
 def combine(verdicts: list[str]) -> str:
-    """A claim made of several parts: undertrained if any part rests on a run that has not learnt; otherwise, over
-    the parts whose mechanism was exercised, holds if every one holds, does not hold if any does not, inconclusive
-    otherwise; not exercised if no part was; not run here if no part was computed."""
+    """A claim made of several parts (a conjunction): does not hold if any part does not (a part that does not
+    hold rests on learnt runs only, so the rest cannot save the claim); otherwise undertrained if any part rests on
+    a run that has not learnt; otherwise, over the parts whose mechanism was exercised, holds if every one holds,
+    inconclusive otherwise; not exercised if no part was; not run here if no part was computed."""
     computed = [v for v in verdicts if v not in (NOT_RUN, NOT_APPLICABLE)]
     if not computed:
         return NOT_RUN
+    if DOES_NOT_HOLD in computed:
+        return DOES_NOT_HOLD
     if UNDERTRAINED in computed:
         return UNDERTRAINED
     decided = [v for v in computed if v != NOT_EXERCISED]
     if not decided:
         return NOT_EXERCISED
-    if any(v == DOES_NOT_HOLD for v in decided):
-        return DOES_NOT_HOLD
     return HOLDS if all(v == HOLDS for v in decided) else INCONCLUSIVE
 
 

@@ -149,7 +149,8 @@ def protocol_section(results: Results) -> str:
         f"{100 * analysis.c8_gain_band[1]:+.0f}] points, does not hold when it lies outside; C7's \"only\" needs "
         f"reconstruction's temporal AUC within 0.5 ± {analysis.chance_margin:g}. Claims measured per seed without "
         "frames (usage perplexity, silhouette, replacement) hold when every seed of one variant beats every seed of "
-        "the other. A claim of several parts holds when every part holds and does not hold when any part does not. "
+        "the other. A claim of several parts holds when every part holds and does not hold when any part does not; "
+        "short of that, a part resting on a run that has not learnt makes it undertrained. "
         f"Thresholds: collapse when the top item takes ≥ {analysis.collapse_share:.0%} of the test queries; usage is "
         f"position-coded when position explains ≥ {analysis.position_coded_nmi:.0%} of the item choice "
         "(NMI(position; item) / H(item)).",

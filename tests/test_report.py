@@ -305,6 +305,10 @@ def test_a_hypothesis_part_or_collapse_verdict_resting_on_an_unlearnt_run_decide
             " its numbers alone: holds)") in hypothesis
     assert "usage narrows with training steps" in hypothesis and "does not hold) → holds" in hypothesis
     assert hypothesis.endswith("Overall: **undertrained**.")
+    flat = final.assign(entropy_slope=[-3e-16, -2e-15, 0.0, 0.0], entropy_slope_error=[1e-15, 2e-15, 0.0, 0.0])
+    # a part that does not hold on learnt runs decides the conjunction, whatever waits on the unlearnt run
+    assert collapse_conclusions(flat, 0.9, 0.05)[1].endswith("does not hold) → does not hold. Overall: **does not "
+                                                              "hold**.")
 
 
 def test_the_collapse_studys_c5_verdict_counts_collapses_of_learnt_runs_only(tmp_path):
@@ -322,3 +326,15 @@ def test_the_collapse_studys_c5_verdict_counts_collapses_of_learnt_runs_only(tmp
     final.loc[2, "learnt"] = True   # the same collapse in a learnt run: neither holds (base did not) nor does not
     final.to_csv(tmp_path / "tables" / "collapse" / "final.csv", index=False)
     assert assess_collapse_study(Results(load_params(None), None, tmp_path, tmp_path)).verdict == "inconclusive"
+
+
+def test_a_claim_of_several_parts_fails_on_any_part_that_does_not_hold_before_it_waits_on_an_undertrained_one():
+    from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
+    from analysis.claims import NOT_APPLICABLE, combine
+
+    assert combine([HOLDS, UNDERTRAINED, DOES_NOT_HOLD]) == DOES_NOT_HOLD
+    assert combine([HOLDS, UNDERTRAINED, INCONCLUSIVE]) == UNDERTRAINED
+    assert combine([HOLDS, NOT_EXERCISED, HOLDS]) == HOLDS
+    assert combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine([NOT_EXERCISED, NOT_RUN]) == NOT_EXERCISED
+    assert combine([NOT_RUN, NOT_APPLICABLE]) == NOT_RUN
