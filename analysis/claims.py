@@ -347,6 +347,12 @@ def claim_datasets(results: Results, claim: str) -> list[str]:
 COLLAPSE_STUDY = "collapse study"   # the C5 row's entry for the collapse study (analysis.collapse)
 
 
+def unlearnt_collapse_runs(final: pd.DataFrame) -> list[str]:
+    """The runs of the collapse study's table (analysis.collapse's final.csv) that failed the learning gate, as
+    "setting sS"."""
+    return [f"{r.setting} s{r.seed}" for r in final.itertuples() if not r.learnt]
+
+
 def assess_collapse_study(results: Results) -> Assessment:
     """C5 on the collapse study's base setting (mnad-pred with skips on 8 scenes, 10x the default's steps): holds
     when more than half of its seeds collapse, does not hold when no setting collapses in any seed; the settings
@@ -359,10 +365,10 @@ def assess_collapse_study(results: Results) -> Assessment:
     base = final[final["setting"] == "base"]
     if base.empty:
         return Assessment(["the collapse study has no `base` setting run"], NOT_RUN)
-    failed = [f"{r.setting} s{r.seed}" for r in base.itertuples() if not r.learnt]
+    failed = unlearnt_collapse_runs(base)
     learnt = final[final["learnt"].astype(bool)]
     collapsed = learnt[learnt["top_share"] >= share]
-    others_unlearnt = [f"{r.setting} s{r.seed}" for r in final.itertuples() if not r.learnt and r.setting != "base"]
+    others_unlearnt = unlearnt_collapse_runs(final[final["setting"] != "base"])
     lines = [f"base setting: top item {base['top_share'].min():.0%}–{base['top_share'].max():.0%} of the test "
              f"queries after {int(base['steps'].max())} steps; collapsed in {int((base['top_share'] >= share).sum())}"
              f" of {len(base)} seeds",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +22,11 @@ import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
-                             assess_all, combine, dominance)
+                             assess_all, combine, dominance, unlearnt_collapse_runs)
 from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
+from analysis.probes import split_label
 from analysis.results import PAPER_DATASETS, Results
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
@@ -252,9 +252,10 @@ def budget_section(results: Results) -> str:
                          str(profile.max_train_clips or "all"), str(profile.batch_size), f"{profile.lr:g}",
                          ", ".join(map(str, steps)) or "—"])
     curve = results.analysis_root / "figures" / "budget" / "learning_curve.png"
+    link = Path(os.path.relpath(curve, results.report_dir)).as_posix()
     chosen = ([f"The budget was chosen from measured learning curves (`benchmarks/learning_curve.py`: AUC per "
                f"anomaly type and training loss against steps, one seed per length, each length its own cosine "
-               f"schedule; probes test one setting at one length): [learning curves]({Path(os.path.relpath(curve, results.report_dir)).as_posix()}).", "",
+               f"schedule; probes test one setting at one length): [learning curves]({link}).", "",
                learning_curve_table(results.analysis_root / "tables" / "budget" / "learning_curve.csv"), ""]
               if curve.exists() else [])
     return "\n".join(["## Training budget", "", "What every run of a dataset and model family trained with "
@@ -348,8 +349,7 @@ def collapse_conclusions(final: pd.DataFrame, share: float, narrowing: float) ->
                                         narrowing)))
     decided = []
     for text, settings, verdict in parts:   # a part that rests on a run that has not learnt decides nothing
-        unlearnt = [f"{r.setting} s{r.seed}" for r in final[final["setting"].isin(settings)].itertuples()
-                    if not r.learnt]
+        unlearnt = unlearnt_collapse_runs(final[final["setting"].isin(settings)])
         decided.append((text, UNDERTRAINED if unlearnt else verdict,
                         f" (not learnt: {', '.join(unlearnt)}; its numbers alone: {verdict})" if unlearnt else ""))
     lines.append("- **Hypothesis** (with skips the decoder can ignore the memory read, the memory losses then favour "
@@ -509,7 +509,8 @@ def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
             best = max(means, key=means.get)
             met = means[best] >= bar
             checks.append((f"{models} ≥ {100 * bar:.0f} on {kind}: best `{best}` {100 * means[best]:.1f} → "
-                           + ("met" if met else "**not met**"), "" if met else best_probe(results, dataset, best, kind)))
+                           + ("met" if met else "**not met**"),
+                           "" if met else best_probe(results, dataset, best, kind)))
     return checks
 
 
@@ -534,7 +535,7 @@ def best_probe(results: Results, dataset: str, variant: str, kind: str) -> str:
         return ""
     curve = pd.read_csv(path)
     probes = curve[(curve["dataset"] == dataset) & curve["probe"].astype(bool)
-                   & curve["variant"].map(lambda label: re.split(r"[:@#]", label)[0] == variant)]
+                   & curve["variant"].map(lambda label: split_label(label).name == variant)]
     if probes.empty:
         return ""
     best = probes.loc[probes[f"auc_{kind}"].idxmax()]

@@ -6,15 +6,16 @@
 
 A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`), profile
 overrides after an at sign (`memae@width=0.5`) and overrides of the dataset's generator after a hash
-(`memae#normal_speed=1.25,anomaly_speed=2.5`: frames rendered for that label alone): it is then trained as a copy
-with those options, under that label.
-Probes (`--probes`) are such labels trained at one length only (`--probe-epochs`), to test one suspect at a time;
-they are rows of the table, not curves of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine schedule spans
-each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder), evaluates it
-as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs. Writes
-<out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them), and
-prints the table. Nothing is logged to MLflow. `--append` keeps the table's other rows: a row of the same dataset, label,
-epochs and seed is replaced (one more probe without training the curves again; `--variants` then defaults to none).
+(`memae#normal_speed=1.25,anomaly_speed=2.5`: frames rendered for that label alone; analysis.probes reads these
+labels): it is then trained as a copy with those options, under that label. Probes (`--probes`) are such labels
+trained at one length only (`--probe-epochs`), to test one suspect at a time; they are rows of the table, not curves
+of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine
+schedule spans each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder),
+evaluates it as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs.
+Writes <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them),
+and prints the table. Nothing is logged to MLflow. `--append` keeps the table's other rows: a row of the same
+dataset, label, epochs and seed is replaced (one more probe without training the curves again; `--variants` then
+defaults to none).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import plotting  # noqa: E402
+from analysis.probes import split_label  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
 from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
 from pipeline.device import compute_device  # noqa: E402
@@ -95,13 +97,11 @@ def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 def labelled_variant(params, label: str, dataset):
     """`name[:option=value,...][@profile_option=value,...][#source_option=value,...]` -> (the variant with those
     options and the label as its name, the profile options to change, the generator options to change)."""
-    label_rest, _, source_part = label.partition("#")
-    label_variant, _, profile_part = label_rest.partition("@")
-    name, _, options = label_variant.partition(":")
-    variant = params.variant(name)
-    changed = _assignments(variant, options)
-    profile_changes = _assignments(dataset.profile, profile_part)
-    source_changes = _assignments(dataset.source, source_part)
+    parts = split_label(label)
+    variant = params.variant(parts.name)
+    changed = _assignments(variant, parts.variant)
+    profile_changes = _assignments(dataset.profile, parts.profile)
+    source_changes = _assignments(dataset.source, parts.source)
     renamed = (variant.model_copy(update={**changed, "name": label}) if changed or profile_changes or source_changes
                else variant)
     return renamed, profile_changes, source_changes

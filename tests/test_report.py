@@ -263,14 +263,14 @@ def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_pr
                           "| `memae` | 43.0 ± 4.2 | 85.0 ± 0.0 |"]
     assert lines[8] == (
         "What the set is built to show: a reconstruction model ≥ 90 on spatial: best `mnad-recon` 96.0 → met; a "
-        "prediction model ≥ 90 on temporal: best `mnad-pred` 93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 → "
-        "**not met**; of its 2 probes (one suspect each, under Training budget) the best on spatial is "
+        "prediction model ≥ 90 on temporal: best `mnad-pred` 93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 "
+        "→ **not met**; of its 2 probes (one suspect each, under Training budget) the best on spatial is "
         "`memae#normal_speed=1.25` with 56.0.")
     from analysis.report import summary_section
     summary = summary_section(Results(load_params(None), None, tmp_path, tmp_path), {}).splitlines()
-    assert ("- **What synthetic is built to show** (AUC per anomaly type, mean over seeds): a reconstruction model ≥ 90 "
-            "on spatial: best `mnad-recon` 96.0 → met; a prediction model ≥ 90 on temporal: best `mnad-pred` 93.0 → "
-            "met; MemAE ≥ 75 on spatial: best `memae` 43.0 → **not met**.") in summary
+    assert ("- **What synthetic is built to show** (AUC per anomaly type, mean over seeds): a reconstruction model "
+            "≥ 90 on spatial: best `mnad-recon` 96.0 → met; a prediction model ≥ 90 on temporal: best `mnad-pred` "
+            "93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 → **not met**.") in summary
 
 
 def test_usage_narrows_with_steps_only_when_every_seeds_entropy_slope_is_steeper_than_the_stated_rate():
