@@ -347,6 +347,13 @@ def claim_datasets(results: Results, claim: str) -> list[str]:
 COLLAPSE_STUDY = "collapse study"   # the C5 row's entry for the collapse study (analysis.collapse)
 
 
+def collapse_table(results: Results) -> pd.DataFrame | None:
+    """The collapse study's table (analysis.collapse's final.csv): None when the `collapse_analysis` stage has not
+    written it, empty when the study has no run (params.yaml `collapse.settings` lists none)."""
+    path = results.analysis_root / "tables" / "collapse" / "final.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
 def unlearnt_collapse_runs(final: pd.DataFrame) -> list[str]:
     """The runs of the collapse study's table (analysis.collapse's final.csv) that failed the learning gate, as
     "setting sS"."""
@@ -357,10 +364,12 @@ def assess_collapse_study(results: Results) -> Assessment:
     """C5 on the collapse study's base setting (mnad-pred with skips on 8 scenes, 10x the default's steps): holds
     when more than half of its seeds collapse, does not hold when no setting collapses in any seed; the settings
     that collapse and the hypothesis are in REPORT.md's collapse-study section."""
-    path = results.analysis_root / "tables" / "collapse" / "final.csv"
-    if not path.exists():
+    final = collapse_table(results)
+    if final is None:
         return Assessment(["the collapse study did not run (no `collapse_analysis` table)"], NOT_RUN)
-    final = pd.read_csv(path)
+    if final.empty:
+        return Assessment(["the collapse study has no run (params.yaml `collapse.settings` lists none, or none of "
+                           "its runs exists)"], NOT_RUN)
     share = results.params.analysis.collapse_share
     base = final[final["setting"] == "base"]
     if base.empty:

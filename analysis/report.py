@@ -22,7 +22,7 @@ import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
-                             assess_all, combine, dominance, unlearnt_collapse_runs)
+                             assess_all, collapse_table, combine, dominance, unlearnt_collapse_runs)
 from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
@@ -288,11 +288,14 @@ GPU_SAMPLES_PER_SECOND = 60.0
 def collapse_section(results: Results) -> str:
     """The collapse study: under which setting the memory collapses, when, and whether the hypothesis holds."""
     params = results.params
-    path = results.analysis_root / "tables" / "collapse" / "final.csv"
+    final = collapse_table(results)
     lines = ["## The collapse study (C5: when and why the memory collapses)", ""]
-    if not path.exists():
+    if final is None:
         return "\n".join(lines + ["not run here (the `collapse_analysis` stage has not written its table)."])
-    final = pd.read_csv(path)
+    if final.empty:
+        return "\n".join(lines + ["not run here: " + (
+            "params.yaml `collapse.settings` lists no setting (the quick look leaves the study out; the default "
+            "study runs it)." if not params.collapse.settings else "no run of its settings exists.")])
     share = params.analysis.collapse_share
     rows = []
     for setting, runs in final.groupby("setting", sort=False):

@@ -578,10 +578,11 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         _check((setting.dataset, setting.variant) not in pairs, key,
                f"another setting already trains {setting.variant} on {setting.dataset}")
         pairs.add((setting.dataset, setting.variant))
-    _check(collapse.seeds <= len(study.seeds), "collapse.seeds",
+    # without settings (the quick look leaves the study out) no seed of it is trained, whatever collapse.seeds says
+    _check(not collapse.settings or collapse.seeds <= len(study.seeds), "collapse.seeds",
            f"{collapse.seeds} seeds asked, study.seeds lists {len(study.seeds)}; lower collapse.seeds to at most "
-           f"{len(study.seeds)} (with one seed: `dvc exp run -S 'study.seeds=[0]' -S collapse.seeds=1`) or list "
-           f"more seeds")
+           f"{len(study.seeds)} (with one seed: `dvc exp run -S 'study.seeds=[0]' -S collapse.seeds=1`), leave the "
+           f"collapse study out (`-S 'collapse.settings={{}}' -S 'collapse.datasets=[]'`) or list more seeds")
     evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
     gate = _validate(Gate, _section(raw, "gate"), "gate")
     analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")

@@ -90,6 +90,13 @@ def test_one_seed_needs_one_collapse_seed_and_the_error_gives_the_command(raw):
     assert params.collapse_seeds == (0,) and params.study.seeds == (0,)
 
 
+def test_one_seed_without_the_collapse_study_needs_no_collapse_seed_option(raw):
+    raw["study"]["seeds"] = [0]
+    raw["collapse"]["settings"], raw["collapse"]["datasets"] = {}, []   # the quick look leaves the study out
+    params = parse_params(raw)
+    assert params.collapse.seeds == 2 and params.collapse_seeds == (0,) and not params.collapse.settings
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("study: [unclosed\n")
