@@ -582,7 +582,8 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     _check(not collapse.settings or collapse.seeds <= len(study.seeds), "collapse.seeds",
            f"{collapse.seeds} seeds asked, study.seeds lists {len(study.seeds)}; lower collapse.seeds to at most "
            f"{len(study.seeds)} (with one seed: `dvc exp run -S 'study.seeds=[0]' -S collapse.seeds=1`), leave the "
-           f"collapse study out (`-S 'collapse.settings={{}}' -S 'collapse.datasets=[]'`) or list more seeds")
+           f"collapse study out (`-S '~collapse.settings' -S '+collapse.settings={{}}' -S 'collapse.datasets=[]'`) or "
+           f"list more seeds")
     evaluate = _validate(Evaluate, _section(raw, "evaluate"), "evaluate")
     gate = _validate(Gate, _section(raw, "gate"), "gate")
     analysis = _validate(Analysis, _section(raw, "analysis"), "analysis")
