@@ -1,11 +1,14 @@
 """What several tests do with the processes they start on this machine: pick a free port on 127.0.0.1, run a
-command (DVC's too) that must succeed, and wait for a DVC experiment queue to finish."""
+command (DVC's too) that must succeed, and start, wait for and stop a DVC experiment queue's workers."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,3 +45,39 @@ def wait_for_the_queue(work: Path, env: dict, names: list[str], timeout: float) 
                 return states
         assert time.monotonic() < deadline, f"the queue did not finish within {timeout:.0f} s:\n{status}"
         time.sleep(2)
+
+
+def start_queue_workers(work: Path, env: dict, workers: int) -> None:
+    """`dvc queue start -j workers`, its output into a file: the workers it starts inherit its descriptors, and a
+    pipe would keep the command waiting until every worker exits."""
+    with tempfile.TemporaryFile("w+") as output:
+        started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], cwd=work,
+                                 env=env, stdout=output, stderr=subprocess.STDOUT, timeout=300)
+        output.seek(0)
+        assert started.returncode == 0, output.read()[-3000:]
+
+
+def stop_queue_workers(work: Path, env: dict, grace: float = 20) -> None:
+    """`dvc queue stop --kill`, then SIGKILL to any worker still alive after `grace` seconds. DVC's worker can miss
+    its shutdown: one whose monitor saw the queue empty while its own experiment still ran stayed, idle, after that
+    experiment succeeded, and ignored `dvc queue stop` (seen in this suite)."""
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=work, env=env, capture_output=True,
+                   timeout=120)
+    deadline = time.monotonic() + grace
+    for pid_file in (work / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        while _is_queue_worker(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _is_queue_worker(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_queue_worker(pid: int) -> bool:
+    """Whether `pid` is alive and a DVC queue worker (not a process that reused the number)."""
+    try:
+        return b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -180,3 +180,27 @@ def test_params_yaml_shares_no_mapping_through_yaml_anchors():
     events = list(yaml.parse(DEFAULT_PARAMS.read_text()))
     assert not [e for e in events if isinstance(e, yaml.AliasEvent)]
     assert not [e for e in events if getattr(e, "anchor", None)]
+
+
+def test_the_readmes_quick_look_commands_rewrite_params_into_valid_ones(tmp_path):
+    """Each `dvc exp run -S ...` quick look in README.md, applied as DVC applies -S (Hydra overrides, then its YAML
+    rewrite): the file still parses and validates. A comment inside collapse.settings once broke the rewrite."""
+    import shlex
+
+    from dvc.utils.hydra import apply_overrides
+
+    readme = (DEFAULT_PARAMS.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("dvc exp run -S 'study.seeds=[0]'")]
+    assert len(commands) == 2
+    loaded = []
+    for number, command in enumerate(commands):
+        words = shlex.split(command)
+        overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+        path = tmp_path / f"params{number}.yaml"
+        path.write_text(DEFAULT_PARAMS.read_text())
+        apply_overrides(path, overrides)
+        loaded.append(load_params(path))
+    without, with_collapse = loaded
+    assert without.study.seeds == (0,) and without.collapse.settings == {} and without.collapse.datasets == ()
+    assert with_collapse.collapse_seeds == (0,)
+    assert with_collapse.collapse.settings == load_params(None).collapse.settings

@@ -5,8 +5,6 @@ import json
 import pickle
 import re
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +18,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
 from benchmarks.tiny_study import tiny_study_copy
-from local_processes import dvc, wait_for_the_queue
+from local_processes import dvc, start_queue_workers, stop_queue_workers, wait_for_the_queue
 from pipeline import paths, tracking
 from pipeline.config import REPO_ROOT
 from pipeline.errors import UserError
@@ -251,13 +249,12 @@ def test_two_queued_experiments_run_side_by_side_into_one_store(tmp_path):
     rates = {"lr-high": "0.002", "lr-low": "0.0005"}   # one variant and seed, two training options: light
     for name, lr in rates.items():
         dvc(work, env, "exp", "run", "--queue", "-n", name, "-S", f"datasets.tiny.profile.lr={lr}", "run@tiny-ae-pred")
-    dvc(work, env, "queue", "start", "-j", "2")
+    start_queue_workers(work, env, 2)
     try:
         states = wait_for_the_queue(work, env, list(rates), timeout=400)
         logs = {name: dvc(work, env, "queue", "logs", name) for name in rates}
     finally:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], cwd=work, env=env, capture_output=True,
-                       timeout=120)
+        stop_queue_workers(work, env)
     assert states == {"lr-high": "Success", "lr-low": "Success"}, "\n".join(logs.values())
     for name, log in logs.items():
         assert "Running stage 'run@tiny-ae-pred'" in log and "database is locked" not in log, log[-3000:]

@@ -50,7 +50,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from benchmarks.tiny_study import study_results, tiny_study_copy
-from local_processes import command, dvc, free_port, wait_for_the_queue
+from local_processes import command, dvc, free_port, start_queue_workers, stop_queue_workers, wait_for_the_queue
 from pipeline import tracking
 
 TRAINING_STAGES = re.compile(r"(run|run_complex|baseline|baseline_complex|collapse)@")
@@ -184,14 +184,7 @@ def start_workers(work: Path, env: dict, gpus: list[str], timeout: float = 300) 
     once the one before it has registered (`dvc queue status` counts it); the next start would otherwise not see it
     and start one in its place."""
     for count, gpu in enumerate(gpus, start=1):
-        # its output into a file: the worker it starts inherits the descriptors, and a pipe would stay open until
-        # the worker exits
-        with tempfile.TemporaryFile("w+") as output:
-            started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(count)], cwd=work,
-                                     env={**env, "CUDA_VISIBLE_DEVICES": gpu}, stdout=output,
-                                     stderr=subprocess.STDOUT, timeout=300)
-            output.seek(0)
-            assert started.returncode == 0, output.read()[-3000:]
+        start_queue_workers(work, {**env, "CUDA_VISIBLE_DEVICES": gpu}, count)
         deadline = time.monotonic() + timeout
         while True:
             status = dvc(work, env, "queue", "status")
@@ -258,8 +251,7 @@ def scaled(tmp_path_factory) -> Iterator[ScaledStudy]:
             logs = {name: dvc(work, env, "queue", "logs", name) for name in parts}
             assert set(states.values()) == {"Success"}, f"{states}\n" + "\n".join(l[-3000:] for l in logs.values())
         finally:
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=work, env=env,
-                           capture_output=True, timeout=120)
+            stop_queue_workers(work, env)
         lap("workers")
         dvc(work, env, "exp", "push", "origin", *parts)   # git refs to origin, outputs to the DVC remote
         lap("push")
