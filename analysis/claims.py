@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.common import SCORE_COLUMNS, mean_std
-from analysis.formatting import figure_links, percent, points, seeds
+from analysis.formatting import figure_links, points, seeds
 from analysis.results import PAPER_DATASETS, Results
 from pipeline.config import Params
 
@@ -172,7 +172,7 @@ def assess_replacement(results: Results, dataset: str, claim: str) -> Assessment
         lines.append(f"**{fill}**: " + "; ".join(parts))
     threshold = results.params.analysis.replacement_unchanged_psnr
     lowest = whole[whole["variant"].isin(skipping)].groupby("fill")["psnr_to_normal"].mean()
-    lines.append(f"context: with skips the seed-mean PSNR to the normal output is "
+    lines.append("context: with skips the seed-mean PSNR to the normal output is "
                  + ", ".join(f"{fill} {value:.1f}" for fill, value in lowest.items())
                  + f" dB (\"barely changed\" at ≥ {threshold:g} dB)")
     lines.append("rule: for each fill of the whole decoder input, every seed of each variant with skips keeps a "
@@ -354,6 +354,12 @@ def collapse_table(results: Results) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
+def collapse_not_run(params) -> str:
+    """Why the collapse study's table is empty."""
+    return ("params.yaml `collapse.settings` lists no setting (the quick look leaves the study out; the default study "
+            "runs it)" if not params.collapse.settings else "no run of its settings exists")
+
+
 def unlearnt_collapse_runs(final: pd.DataFrame) -> list[str]:
     """The runs of the collapse study's table (analysis.collapse's final.csv) that failed the learning gate, as
     "setting sS"."""
@@ -368,8 +374,7 @@ def assess_collapse_study(results: Results) -> Assessment:
     if final is None:
         return Assessment(["the collapse study did not run (no `collapse_analysis` table)"], NOT_RUN)
     if final.empty:
-        return Assessment(["the collapse study has no run (params.yaml `collapse.settings` lists none, or none of "
-                           "its runs exists)"], NOT_RUN)
+        return Assessment([f"the collapse study has no run: {collapse_not_run(results.params)}"], NOT_RUN)
     share = results.params.analysis.collapse_share
     base = final[final["setting"] == "base"]
     if base.empty:

@@ -39,8 +39,8 @@ from pipeline.paths import RUNS_DIR, run_dir
 TOPIC = "collapse"
 USAGE = ("entropy", "top_share", "items_used", "position_nmi", "position_variance_share")
 TEST_WINDOWS = 200   # a seeded sample of test windows for the final histogram
-# final.csv's columns, written even when the study has no run (a study without settings), so that readers see an
-# empty table, not an unreadable file
+# final.csv's columns: the header of an empty study (no settings), so that readers see an empty table, not an
+# unreadable file (the end-to-end test checks that a study with runs writes the same columns)
 FINAL_COLUMNS = ("setting", "dataset", "variant", "seed", "steps", "learnt", "auc_micro", "entropy", "perplexity",
                  "items_used", "top_share", "collapsed", "position_nmi", "position_variance_share", "collapse_step",
                  "entropy_slope", "entropy_slope_error", "constant_distance_videos", "videos")
@@ -102,7 +102,7 @@ def collapse_study(params: Params, runs_root: Path | None = None, data_root: Pat
             counts += [{"setting": name, "seed": seed, "item": i, "count": int(c)}
                        for i, c in enumerate(usage.counts)]
     trajectory = pd.DataFrame(trajectories, columns=["setting", "seed", "step", *USAGE])
-    final = pd.DataFrame(finals, columns=list(FINAL_COLUMNS))
+    final = pd.DataFrame(finals) if finals else pd.DataFrame(columns=list(FINAL_COLUMNS))
     write_csv(tables / "trajectories.csv", trajectory)
     write_csv(tables / "final.csv", final)
     write_csv(tables / "counts.csv", pd.DataFrame(counts, columns=["setting", "seed", "item", "count"]))

@@ -22,7 +22,8 @@ import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
-                             assess_all, collapse_table, combine, dominance, unlearnt_collapse_runs)
+                             assess_all, collapse_not_run, collapse_table, combine, dominance,
+                             unlearnt_collapse_runs)
 from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
@@ -57,7 +58,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # Sections
 
 
-def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]]) -> str:
+def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]],
+                    designs: dict[str, list[tuple[str, str]]]) -> str:
     params = results.params
     lines = ["## Summary", ""]
     for dataset in params.study.all_datasets:
@@ -77,7 +79,7 @@ def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]]
             lines.append(f"- **Learning gate, {dataset}**: {len(gated) - len(failed)} of {len(gated)} trained runs "
                          f"learnt" + (f"; not learnt: {', '.join(failed)}" if failed else "") + ".")
     for dataset in params.study.all_datasets:
-        checks = design_checks(results, dataset)
+        checks = designs.get(dataset)
         if checks:
             lines.append(f"- **What {dataset} is built to show** (AUC per anomaly type, mean over seeds): "
                          + "; ".join(check for check, _ in checks) + ".")
@@ -293,9 +295,7 @@ def collapse_section(results: Results) -> str:
     if final is None:
         return "\n".join(lines + ["not run here (the `collapse_analysis` stage has not written its table)."])
     if final.empty:
-        return "\n".join(lines + ["not run here: " + (
-            "params.yaml `collapse.settings` lists no setting (the quick look leaves the study out; the default "
-            "study runs it)." if not params.collapse.settings else "no run of its settings exists.")])
+        return "\n".join(lines + [f"not run here: {collapse_not_run(params)}."])
     share = params.analysis.collapse_share
     rows = []
     for setting, runs in final.groupby("setting", sort=False):
@@ -436,7 +436,7 @@ def runs_section(results: Results) -> str:
     return "\n".join(lines)
 
 
-def results_section(results: Results) -> str:
+def results_section(results: Results, designs: dict[str, list[tuple[str, str]]]) -> str:
     params = results.params
     variants = study_variants(params)
     lines = ["## Results", "", "Frame-level AUC in %, mean ± std over seeds. *Headline* = with test-time update for "
@@ -476,7 +476,7 @@ def results_section(results: Results) -> str:
             rows.append(cells)
         lines += [table(["variant", "seeds", "micro, no update", "micro, update", "macro, no update", "macro, update",
                          "NaN videos (no update / update)", "mean PSNR (dB)", "paper", "RC2020"], rows), ""]
-        lines += per_type_lines(results, dataset)
+        lines += per_type_lines(results, dataset, designs.get(dataset, []))
         links = figure_links([results.link("timelines", dataset, "roc.png", "ROC curves"),
                         results.link("timelines", dataset, "timelines.png", "score timelines"),
                         results.link("anomaly_types", dataset, "per_type_auc.png", "AUC per anomaly type")])
@@ -517,14 +517,13 @@ def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
     return checks
 
 
-def per_type_lines(results: Results, dataset: str) -> list[str]:
-    """AUC per anomaly type (headline scoring, mean ± std over seeds), and the set's design checks."""
+def per_type_lines(results: Results, dataset: str, checks: list[tuple[str, str]]) -> list[str]:
+    """AUC per anomaly type (headline scoring, mean ± std over seeds), and the set's design checks (design_checks)."""
     by_variant = per_type_aucs(results, dataset)
     if not by_variant:
         return []
     types = list(dict.fromkeys(kind for aucs in by_variant.values() for kind in aucs))
     rows = [[f"`{variant}`", *(percent(aucs.get(kind, [])) for kind in types)] for variant, aucs in by_variant.items()]
-    checks = design_checks(results, dataset)
     return ["AUC per anomaly type (headline scoring), mean ± std over seeds:", "",
             table(["variant", *(kind.replace("_", "-") for kind in types)], rows), "",
             *([f"What the set is built to show: {'; '.join(check + probe for check, probe in checks)}.", ""]
@@ -658,16 +657,17 @@ def write_report(params: Params, runs_root: Path | None = None, analysis_root: P
     report_path = report_path or REPORT_PATH
     results = Results(params, runs_root, analysis_root or ANALYSIS_DIR, report_path.parent)
     assessed = assess_all(results)
+    designs = {dataset: design_checks(results, dataset) for dataset in params.study.all_datasets}
     text = "\n\n".join([
         "# memvad reproducibility report",
         "_Written by `python -m analysis.report` (the `report` stage of `dvc repro`) from runs/**/metrics.json and "
         "analysis/tables/; do not edit by hand. Every number below was computed by this study's runs; what did not "
         "run says \"not run here\"._",
-        summary_section(results, assessed),
+        summary_section(results, assessed, designs),
         protocol_section(results),
         budget_section(results),
         runs_section(results),
-        results_section(results),
+        results_section(results, designs),
         claims_section(results, assessed),
         collapse_section(results),
         comparisons_section(results),

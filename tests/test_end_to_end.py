@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from analysis.collapse import FINAL_COLUMNS
 from local_processes import free_port
 from pipeline.config import REPO_ROOT, load_params
 
@@ -56,6 +57,7 @@ def test_the_collapse_study_runs_its_settings_and_reports_them(repro):
     work, _ = repro
     final = pd.read_csv(work / "analysis" / "tables" / "collapse" / "final.csv")
     assert list(final["setting"]) == ["base", "pred-no-skips"] and (final["steps"] == 8).all()
+    assert tuple(final.columns) == FINAL_COLUMNS   # the header an empty study writes names the same columns
     trajectory = pd.read_csv(work / "analysis" / "tables" / "collapse" / "trajectories.csv")
     assert len(trajectory) == 16 and trajectory["entropy"].notna().all()   # a usage row per logged step and run
     for figure in ("usage_over_training.png", "histograms.png", "nan_heuristic.png"):

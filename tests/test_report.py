@@ -238,7 +238,7 @@ def test_the_learning_curve_table_names_each_rows_dataset_seed_and_whether_it_is
 
 
 def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_probe(tmp_path):
-    from analysis.report import per_type_lines
+    from analysis.report import design_checks, per_type_lines
     from analysis.results import Results
 
     aucs = {"mnad-recon": {"spatial": (0.95, 0.97), "temporal": (0.55, 0.57)},
@@ -257,7 +257,9 @@ def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_pr
                   {"dataset": "synthetic", "variant": "mnad-pred@lr=1", "probe": True, "auc_spatial": 0.99},
                   {"dataset": "synthetic-scenes", "variant": "memae:y=2", "probe": True, "auc_spatial": 0.98}]
                  ).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
-    lines = "\n".join(per_type_lines(Results(load_params(None), None, tmp_path, tmp_path), "synthetic")).splitlines()
+    results = Results(load_params(None), None, tmp_path, tmp_path)
+    checks = design_checks(results, "synthetic")
+    lines = "\n".join(per_type_lines(results, "synthetic", checks)).splitlines()
     assert lines[2:7] == ["| variant | spatial | temporal |", "|---|---|---|",
                           "| `mnad-recon` | 96.0 ± 1.4 | 56.0 ± 1.4 |", "| `mnad-pred` | 61.0 ± 1.4 | 93.0 ± 1.4 |",
                           "| `memae` | 43.0 ± 4.2 | 85.0 ± 0.0 |"]
@@ -267,7 +269,7 @@ def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_pr
         "→ **not met**; of its 2 probes (one suspect each, under Training budget) the best on spatial is "
         "`memae#normal_speed=1.25` with 56.0.")
     from analysis.report import summary_section
-    summary = summary_section(Results(load_params(None), None, tmp_path, tmp_path), {}).splitlines()
+    summary = summary_section(results, {}, {"synthetic": checks}).splitlines()
     assert ("- **What synthetic is built to show** (AUC per anomaly type, mean over seeds): a reconstruction model "
             "≥ 90 on spatial: best `mnad-recon` 96.0 → met; a prediction model ≥ 90 on temporal: best `mnad-pred` "
             "93.0 → met; MemAE ≥ 75 on spatial: best `memae` 43.0 → **not met**.") in summary
