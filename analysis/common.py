@@ -21,6 +21,9 @@ ANALYSIS_DIR = REPO_ROOT / "analysis"
 BASELINE = "copy-last"
 # The score column of each scoring in scores.csv, and the metrics.json block that summarises it.
 SCORE_COLUMNS = {"without_update": "score", "with_update": "score_update"}
+# The normal frames an anomaly type's frames are ranked against in the per-type AUCs: all of them, or the clean ones
+# whose scoring window holds no abnormal frame (analysis.anomaly_types).
+NORMAL_SETS = ("all", "clean")
 
 
 @dataclass(frozen=True)

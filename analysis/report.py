@@ -24,16 +24,17 @@ from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED
 from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
                              assess_all, collapse_not_run, collapse_table, combine, dominance,
                              unlearnt_collapse_runs)
-from analysis.common import ANALYSIS_DIR, BASELINE, SCORE_COLUMNS, existing_runs, study_variants
+from analysis.common import ANALYSIS_DIR, BASELINE, NORMAL_SETS, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
 from analysis.probes import split_label
 from analysis.results import PAPER_DATASETS, Results
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import REPO_ROOT, Params, load_params
+from pipeline.config import ANOMALY_TYPES, REPO_ROOT, Params, load_params
 from pipeline.errors import exit_cleanly
 from pipeline.io import write_text
+from pipeline.metrics import headline_scoring
 from pipeline.paths import run_dir
 
 REPORT_PATH = REPO_ROOT / "REPORT.md"
@@ -81,7 +82,8 @@ def summary_section(results: Results, assessed: dict[str, dict[str, Assessment]]
     for dataset in params.study.all_datasets:
         checks = designs.get(dataset)
         if checks:
-            lines.append(f"- **What {dataset} is built to show** (AUC per anomaly type, mean over seeds): "
+            lines.append(f"- **What {dataset} is built to show** (AUC per anomaly type against clean normal frames, "
+                         f"mean over seeds): "
                          + "; ".join(check for check, _ in checks) + ".")
     counts: dict[str, list[str]] = {}
     for claim, per_dataset in assessed.items():
@@ -121,7 +123,10 @@ def protocol_section(results: Results) -> str:
         "for MemAE the clip error. Each series is min-max normalised per video (g), then combined into a normality "
         "score (higher = more normal) as in the table below.",
         "- **AUC.** Frame-level, `roc_auc_score(1 − label, score)`. *Micro*: every scored test frame of the dataset "
-        "pooled (the papers' number). *Macro*: the mean of per-video AUCs over videos that hold both classes.",
+        "pooled (the papers' number). *Macro*: the mean of per-video AUCs over videos that hold both classes. *Per "
+        "anomaly type* (synthetic sets): the type's frames against all normal frames, and against the *clean* normal "
+        "frames, whose scoring window (the frames the sample spans) holds no abnormal frame; the set's design bars "
+        "use clean normal frames, the claims' verdicts all normal frames.",
         f"- **NaN policy** (`evaluate.nan_policy`): {nan_text}.",
         f"- **Test-time memory update** (`evaluate.test_time_update: {evaluate.test_time_update}`): frame by frame in "
         "video order, a frame whose point score is under the threshold writes its queries into the memory, which "
@@ -258,7 +263,8 @@ def budget_section(results: Results) -> str:
     chosen = ([f"The budget was chosen from measured learning curves (`benchmarks/learning_curve.py`: AUC per "
                f"anomaly type and training loss against steps, one seed per length, each length its own cosine "
                f"schedule; probes test one setting at one length): [learning curves]({link}).", "",
-               learning_curve_table(results.analysis_root / "tables" / "budget" / "learning_curve.csv"), ""]
+               learning_curve_table(results.analysis_root / "tables" / "budget" / "learning_curve.csv"), "",
+               *filter(None, [curve_reproduces_study(results)]), ""]
               if curve.exists() else [])
     return "\n".join(["## Training budget", "", "What every run of a dataset and model family trained with "
                       "(params.yaml `datasets.<name>.profile`, with its `families` entry); the papers' settings "
@@ -267,19 +273,58 @@ def budget_section(results: Results) -> str:
                              "steps"], rows)])
 
 
+CLEAN_AUC_COLUMNS = tuple(f"clean_auc_{kind}" for kind in ANOMALY_TYPES)
+
+
+def read_learning_curve(path: Path) -> pd.DataFrame | None:
+    """The learning-curve table (benchmarks/learning_curve.py), None when absent. Rows written before the per-type
+    AUCs against clean normal frames were recorded read them as missing (rerun the script to fill them)."""
+    if not path.exists():
+        return None
+    curve = pd.read_csv(path)
+    return curve.reindex(columns=[*curve.columns, *(c for c in CLEAN_AUC_COLUMNS if c not in curve.columns)])
+
+
+def curve_reproduces_study(results: Results) -> str:
+    """Whether the curve's rows at the study's own budget (a plain study variant at its profile's epochs, on a seed
+    the study ran) give the micro AUC of the study's run of that seed: a curve measured under other code or params
+    is stale. Empty when no row matches a run."""
+    params = results.params
+    curve = read_learning_curve(results.analysis_root / "tables" / "budget" / "learning_curve.csv")
+    matched, differing = 0, []
+    for row in ([] if curve is None else curve.itertuples()):
+        runs = dict(results.metrics.get(row.dataset, {}).get(row.variant, []))
+        if row.seed not in runs or row.epochs != params.dataset(row.dataset).profile.for_family(
+                params.variant(row.variant).family).epochs:
+            continue
+        matched += 1
+        study = runs[row.seed][headline_scoring(runs[row.seed])]["auc_micro"]
+        if not np.isclose(row.auc_micro, study, rtol=0, atol=1e-9):
+            differing.append(f"{row.dataset} `{row.variant}` seed {row.seed}: {100 * row.auc_micro:.1f} against "
+                             f"{100 * study:.1f}")
+    if differing:
+        return (f"**Stale**: of the curve's {matched} rows at the study's budget, {len(differing)} do not reproduce "
+                f"the micro AUC of the study's run of the same seed ({'; '.join(differing)}): the curve was measured "
+                f"under other code or params; rerun `python benchmarks/learning_curve.py`.")
+    return (f"The curve's {matched} rows at the study's budget reproduce the micro AUC of the study's run of the same "
+            f"seed exactly: the curve was measured under the study's code and params." if matched else "")
+
+
 def learning_curve_table(path: Path) -> str:
     """The measured learning curves, one row per (dataset, variant, seed, length): what the budget was chosen from.
     MemAE's zero-row share is the share of queries its hard shrinkage zeroed entirely at the end of training."""
-    if not path.exists():
+    curve = read_learning_curve(path)
+    if curve is None:
         return ""
-    curve = pd.read_csv(path)
     rows = [[r.dataset, f"`{r.variant}`" + (" (probe)" if r.probe else ""), str(r.seed), str(r.epochs),
              str(r.steps), f"{r.train_seconds:.0f}", f"{100 * r.late_improvement:.1f}%",
              f"{r.normal_psnr:.1f} / {r.floor_psnr:.1f}", "yes" if r.learnt else "no",
-             *(f"{100 * getattr(r, f'auc_{k}'):.1f}" for k in ("micro", "spatial", "temporal", "spatio_temporal")),
+             *("—" if pd.isna(getattr(r, column)) else f"{100 * getattr(r, column):.1f}"
+               for column in ("auc_micro", *CLEAN_AUC_COLUMNS)),
              "—" if pd.isna(r.zero_rows) else f"{r.zero_rows:.0%}"] for r in curve.itertuples()]
     return table(["dataset", "variant", "seed", "epochs", "steps", "train s", "loss plateau", "PSNR / floor",
-                  "learnt", "AUC micro", "spatial", "temporal", "spatio-temporal", "MemAE zero rows"], rows)
+                  "learnt", "AUC micro", *(f"{k.replace('_', '-')}, clean" for k in ANOMALY_TYPES),
+                  "MemAE zero rows"], rows)
 
 
 # A stated GPU rate for the estimate of the papers' ShanghaiTech study (no GPU measured here): sustained fp32
@@ -491,20 +536,22 @@ SET_DESIGN = (("a reconstruction model", lambda v: v.task == "reconstruct" and v
               ("MemAE", lambda v: v.family == "memae", "spatial", 0.75))
 
 
-def per_type_aucs(results: Results, dataset: str) -> dict[str, dict[str, list[float]]]:
-    """Per variant and anomaly type, the seeds' AUCs under the headline scoring (empty when not analysed)."""
+def per_type_aucs(results: Results, dataset: str, normal: str) -> dict[str, dict[str, list[float]]]:
+    """Per variant and anomaly type, the seeds' AUCs under the headline scoring against the `normal` set of normal
+    frames (all | clean: analysis.anomaly_types); empty when not analysed."""
     frame = results.analysis_table("anomaly_types", dataset, "per_type_auc.csv")
     if frame is None or frame.empty:
         return {}
-    frame = frame[frame["headline"].astype(bool)]
+    frame = frame[frame["headline"].astype(bool) & (frame["normal"] == normal)]
     return {variant: {kind: rows["auc"].tolist() for kind, rows in group.groupby("anomaly_type", sort=False)}
             for variant, group in frame.groupby("variant", sort=False)}
 
 
 def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
-    """Whether the set shows what it is built for (SET_DESIGN), per kind of model: (the best variant against its
-    bar, and for a bar not met that variant's best probe, or "")."""
-    by_variant, checks = per_type_aucs(results, dataset), []
+    """Whether the set shows what it is built for (SET_DESIGN), per kind of model, against clean normal frames (what
+    the model sees in the type itself): (the best variant against its bar, and for a bar not met that variant's
+    best probe, or "")."""
+    by_variant, checks = per_type_aucs(results, dataset, "clean"), []
     for models, is_model, kind, bar in SET_DESIGN:
         means = {v: np.mean(aucs[kind]) for v, aucs in by_variant.items()
                  if kind in aucs and is_model(results.params.variant(v))}
@@ -518,31 +565,39 @@ def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
 
 
 def per_type_lines(results: Results, dataset: str, checks: list[tuple[str, str]]) -> list[str]:
-    """AUC per anomaly type (headline scoring, mean ± std over seeds), and the set's design checks (design_checks)."""
-    by_variant = per_type_aucs(results, dataset)
-    if not by_variant:
+    """AUC per anomaly type (headline scoring, mean ± std over seeds) against all and against clean normal frames,
+    and the set's design checks (design_checks)."""
+    by_set = {normal: per_type_aucs(results, dataset, normal) for normal in NORMAL_SETS}
+    if not by_set["all"]:
         return []
-    types = list(dict.fromkeys(kind for aucs in by_variant.values() for kind in aucs))
-    rows = [[f"`{variant}`", *(percent(aucs.get(kind, [])) for kind in types)] for variant, aucs in by_variant.items()]
-    return ["AUC per anomaly type (headline scoring), mean ± std over seeds:", "",
-            table(["variant", *(kind.replace("_", "-") for kind in types)], rows), "",
+    types = list(dict.fromkeys(kind for aucs in by_set["all"].values() for kind in aucs))
+    rows = [[f"`{variant}`", *(percent(by_set[normal].get(variant, {}).get(kind, []))
+                               for normal in NORMAL_SETS for kind in types)] for variant in by_set["all"]]
+    return ["AUC per anomaly type (headline scoring), mean ± std over seeds, against all normal frames (the "
+            "papers' pooling) and against clean ones: the normal frames whose scoring window (the frames the "
+            "sample spans: a prediction's 4 inputs and target, MemAE's 16-frame clip) holds no abnormal frame. A "
+            "window-level score spreads an event's error over the normal frames whose window overlaps it, so "
+            "against all normal frames a type is ranked partly against other types' events; the set's design bars "
+            "use clean normal frames.", "",
+            table(["variant", *(f"{kind.replace('_', '-')}, {normal}" for normal in NORMAL_SETS for kind in types)],
+                  rows), "",
             *([f"What the set is built to show: {'; '.join(check + probe for check, probe in checks)}.", ""]
               if checks else [])]
 
 
 def best_probe(results: Results, dataset: str, variant: str, kind: str) -> str:
     """", of N probes of `variant` (the learning-curve table) the best on `kind`: ..."; empty without probes."""
-    path = results.analysis_root / "tables" / "budget" / "learning_curve.csv"
-    if not path.exists():
+    curve = read_learning_curve(results.analysis_root / "tables" / "budget" / "learning_curve.csv")
+    if curve is None:
         return ""
-    curve = pd.read_csv(path)
     probes = curve[(curve["dataset"] == dataset) & curve["probe"].astype(bool)
-                   & curve["variant"].map(lambda label: split_label(label).name == variant)]
+                   & curve["variant"].map(lambda label: split_label(label).name == variant)
+                   & curve[f"clean_auc_{kind}"].notna()]
     if probes.empty:
         return ""
-    best = probes.loc[probes[f"auc_{kind}"].idxmax()]
+    best = probes.loc[probes[f"clean_auc_{kind}"].idxmax()]
     return (f"; of its {len(probes)} probes (one suspect each, under Training budget) the best on {kind} is "
-            f"`{best['variant']}` with {100 * best[f'auc_{kind}']:.1f}")
+            f"`{best['variant']}` with {100 * best[f'clean_auc_{kind}']:.1f}")
 
 
 def _reported(numbers: dict, variant: str, dataset: str) -> str:

@@ -7,11 +7,13 @@
 A variant may carry option overrides after a colon (`memae:shrink_threshold=0.0005,entropy_weight=0`), profile
 overrides after an at sign (`memae@width=0.5`) and overrides of the dataset's generator after a hash
 (`memae#normal_speed=1.25,anomaly_speed=2.5`: frames rendered for that label alone; analysis.probes reads these
-labels): it is then trained as a copy with those options, under that label. Probes (`--probes`) are such labels
+labels; a probe's `frame_size` renders its frames at that size too): it is then trained as a copy with those
+options, under that label. Probes (`--probes`) are such labels
 trained at one length only (`--probe-epochs`), to test one suspect at a time; they are rows of the table, not curves
 of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine
 schedule spans each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder),
-evaluates it as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs.
+evaluates it as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs
+(micro, and per anomaly type against all and against clean normal frames: analysis.anomaly_types).
 Writes <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them),
 and prints the table. Nothing is logged to MLflow. `--append` keeps the table's other rows: a row of the same
 dataset, label, epochs and seed is replaced (one more probe without training the curves again; `--variants` then
@@ -32,9 +34,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import plotting  # noqa: E402
+from analysis.anomaly_types import aucs_by_normal_set  # noqa: E402
+from analysis.common import SCORE_COLUMNS, Run  # noqa: E402
 from analysis.probes import split_label  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
 from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
+from pipeline.data import read_labels  # noqa: E402
 from pipeline.device import compute_device  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.gate import learning_gate  # noqa: E402
@@ -53,7 +58,7 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
     rows = []
     for variant_name, epochs, probe in jobs:
         variant, profile_options, source_options = labelled_variant(params, variant_name, base)
-        frames = rendered(params_path, dataset_name, source_options, work)
+        frames = rendered(params_path, dataset_name, source_options, profile_options.get("frame_size"), work)
         profile = base.profile.model_copy(update={**profile_options, "epochs": epochs})
         dataset = base.model_copy(update={"profile": profile,
                                           "source": base.source.model_copy(update=source_options)})
@@ -73,6 +78,8 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
                              params.gate.plateau_window, params.gate.plateau_tolerance,
                              params.gate.floor_margin_db)
         headline = metrics[metrics["headline"]]
+        scores = Run(dataset_name, variant_name, seed, out).scores()
+        clean = aucs_by_normal_set(scores, read_labels(frames), variant, SCORE_COLUMNS[metrics["headline"]])["clean"]
         row = {"dataset": dataset_name, "variant": variant_name, "probe": probe, "seed": seed, "epochs": epochs,
                "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
                "eval_seconds": round(eval_seconds, 1), "updated_frames": headline.get("updated_frames", 0),
@@ -80,7 +87,8 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
                "late_improvement": gate["late_improvement"],
                "plateaued": gate["plateaued"], "normal_psnr": gate["normal_psnr"],
                "floor_psnr": gate["floor_psnr"], "learnt": gate["learnt"], "auc_micro": headline["auc_micro"],
-               **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES}}
+               **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES},
+               **{f"clean_auc_{kind}": clean.get(kind, np.nan) for kind in ANOMALY_TYPES}}
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return pd.DataFrame(rows)
@@ -107,16 +115,21 @@ def labelled_variant(params, label: str, dataset):
     return renamed, profile_changes, source_changes
 
 
-def rendered(params_path: Path | None, dataset_name: str, source_changes: dict, work: Path) -> Path:
-    """The frames folder of the dataset, with `source_changes` applied to its generator: prepared once per distinct
-    change under `work` (a params file of their own, so that prepare renders exactly what the label says)."""
-    name = "data" + "".join(f"-{k}={v}" for k, v in sorted(source_changes.items()))
+def rendered(params_path: Path | None, dataset_name: str, source_changes: dict, frame_size: int | None,
+             work: Path) -> Path:
+    """The frames folder of the dataset, with `source_changes` applied to its generator and stored at `frame_size`
+    (None: the profile's): prepared once per distinct change under `work` (a params file of their own, so that
+    prepare renders exactly what the label says)."""
+    changes = {**source_changes, **({"frame_size": frame_size} if frame_size is not None else {})}
+    name = "data" + "".join(f"-{k}={v}" for k, v in sorted(changes.items()))
     frames = frames_dir(dataset_name, work / name)
     if not frames.exists():
         path = params_path
-        if source_changes:
+        if changes:
             raw = yaml.safe_load((params_path or DEFAULT_PARAMS).read_text())
             raw["datasets"][dataset_name]["source"].update(source_changes)
+            if frame_size is not None:
+                raw["datasets"][dataset_name]["profile"]["frame_size"] = frame_size
             path = work / f"params-{name}.yaml"
             path.write_text(yaml.safe_dump(raw, sort_keys=False))
         prepare(dataset_name, path, work / name)
@@ -143,8 +156,9 @@ def figure(table: pd.DataFrame, path: Path) -> Path | None:
     fig, axes = plotting.figure(1, len(variants), panel=(3.4, 2.8))
     for ax, variant in zip(axes[0], variants):
         rows = table[table["variant"] == variant].sort_values("steps")
-        for column, style in (("auc_micro", "-"), *((f"auc_{k}", ":") for k in ANOMALY_TYPES)):
-            ax.plot(rows["steps"], rows[column], style, marker="o", markersize=3, label=column.removeprefix("auc_"))
+        for column, style in (("auc_micro", "-"), *((f"clean_auc_{k}", ":") for k in ANOMALY_TYPES)):
+            ax.plot(rows["steps"], rows[column], style, marker="o", markersize=3,
+                    label=column.removeprefix("clean_").removeprefix("auc_"))
         ax.set(xscale="log", ylim=(0.3, 1.02), xlabel="training steps", ylabel="AUC", title=variant)
         loss = ax.twinx()
         loss.plot(rows["steps"], rows["final_loss"], color="grey", linewidth=0.8, label="final loss")
@@ -153,7 +167,8 @@ def figure(table: pd.DataFrame, path: Path) -> Path | None:
         for _, row in rows[~rows["learnt"].astype(bool)].iterrows():   # the gate's verdict on each length
             ax.annotate("not learnt", (row["steps"], 0.32), fontsize=6, rotation=90, ha="center", va="bottom")
     axes[0, 0].legend(loc="lower right")
-    fig.suptitle("Learning curves: AUC and training loss against steps (one seed, each length its own schedule)")
+    fig.suptitle("Learning curves: AUC (micro; per type against clean normal frames) and training loss against "
+                 "steps (one seed, each length its own schedule)")
     return plotting.save(fig, path)
 
 

@@ -257,11 +257,46 @@ def test_anomaly_types_tabulates_per_type_auc_and_draws_examples(study):
     headline = table[table["headline"]]
     assert set(headline["anomaly_type"]) == {"spatial", "temporal", "spatio_temporal"}
     assert "copy-last" in set(headline["variant"])
-    # one headline value per (run, type); MNAD-memory variants also list the with-update block
-    assert (headline.groupby(["variant", "seed", "anomaly_type"]).size() == 1).all()
+    # one headline value per (run, type, normal set); MNAD-memory variants also list the with-update block
+    assert (headline.groupby(["variant", "seed", "normal", "anomaly_type"]).size() == 1).all()
+    assert set(headline["normal"]) == {"all", "clean"}
     assert set(table[table["variant"] == "mnad-pred"]["scoring"]) == {"without_update", "with_update"}
+    # against all normal frames: the values the run recorded in its metrics.json
+    for row in table[table["normal"] == "all"].itertuples():
+        metrics = json.loads((run_dir("tiny", row.variant, row.seed, study["runs"]) / "metrics.json").read_text())
+        assert row.auc == metrics[row.scoring][f"auc_{row.anomaly_type}"]
     figures = study["out"] / "figures" / "anomaly_types" / "tiny"
     assert (figures / "per_type_auc.png").stat().st_size > 1000 and (figures / "examples.png").stat().st_size > 1000
+
+
+def test_clean_normal_frames_are_those_whose_scoring_window_holds_no_abnormal_frame():
+    params = load_params(None)
+    # video 00: 40 frames, abnormal (spatial) at 8-10; video 01: 40 normal frames
+    labels = pd.DataFrame({"split": "test", "video": ["00"] * 40 + ["01"] * 40, "frame": [*range(40), *range(40)],
+                           "label": [1 if 8 <= f <= 10 else 0 for f in range(40)] + [0] * 40})
+    labels["anomaly_type"] = np.where(labels["label"] == 1, "spatial", "")
+
+    def clean_frames(variant, first, last):  # the variant's scored frames: first..last of each video
+        scores = labels[(labels["frame"] >= first) & (labels["frame"] <= last)].reset_index(drop=True)
+        clean = anomaly_types.clean_normal(scores, labels, params.variant(variant))
+        return {video: scores["frame"][clean & (scores["video"] == video)].tolist() for video in ("00", "01")}
+
+    # reconstruction scores the frame alone: every normal frame is clean
+    assert clean_frames("mnad-recon", 0, 39) == {"00": [*range(8), *range(11, 40)], "01": list(range(40))}
+    # prediction's window is its 4 inputs and its target: frames 11-14 see the event in their inputs
+    assert clean_frames("mnad-pred", 4, 39) == {"00": [4, 5, 6, 7, *range(15, 40)], "01": list(range(4, 40))}
+    # MemAE's clip spans 8 frames before and 7 after the scored one: frames 1-18 overlap the event
+    assert clean_frames("memae", 8, 32) == {"00": list(range(19, 33)), "01": list(range(8, 33))}
+
+    # all normal frames vs clean ones, for prediction on video 00: the abnormal frames score 0.5, the clean normal
+    # frames 1 and the four normal frames whose inputs hold the event 0, so against all 33 normal frames the AUC is
+    # 29/33, against the 29 clean ones 1
+    scores = labels[(labels["video"] == "00") & (labels["frame"] >= 4)].reset_index(drop=True)
+    scores["score"] = np.select([scores["label"] == 1, scores["frame"].between(11, 14)], [0.5, 0.0], 1.0)
+    aucs = anomaly_types.aucs_by_normal_set(scores, labels, params.variant("mnad-pred"), "score")
+    assert aucs == {"all": {"spatial": pytest.approx(29 / 33)}, "clean": {"spatial": 1.0}}
+    with pytest.raises(ValueError, match="video '02'"):
+        anomaly_types.clean_normal(scores.assign(video="02"), labels, params.variant("mnad-pred"))
 
 
 def test_event_frames_picks_the_middle_of_the_first_event_of_each_type():

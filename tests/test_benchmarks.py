@@ -1,6 +1,7 @@
 """The benchmarks' own arithmetic: the flop count they divide by is the hand-computed one."""
 from types import SimpleNamespace
 
+import cv2
 import torch
 import torch.nn as nn
 
@@ -72,10 +73,12 @@ def test_a_probe_label_sets_variant_profile_and_generator_options_and_renders_it
     plain, _, none = labelled_variant(params, "memae", params.dataset("synthetic"))
     assert plain == params.variant("memae") and none == {}
 
-    frames = rendered(None, "tiny", {"normal_speed": 3.0}, tmp_path)
+    frames = rendered(None, "tiny", {"normal_speed": 3.0}, None, tmp_path)
     generator = json.loads((frames.parent.parent / "raw" / "tiny" / "generator.json").read_text())
     assert generator["source"]["normal_speed"] == 3.0 and any(frames.rglob("*.png"))
-    default = rendered(None, "tiny", {}, tmp_path)
+    larger = rendered(None, "tiny", {"normal_speed": 3.0}, 48, tmp_path)  # a probe's frame_size renders its own
+    assert larger != frames and cv2.imread(str(next(larger.rglob("*.png"))), cv2.IMREAD_UNCHANGED).shape[:2] == (48, 48)
+    default = rendered(None, "tiny", {}, None, tmp_path)
     assert default != frames
     assert json.loads((default.parent.parent / "raw" / "tiny" / "generator.json").read_text())["source"][
         "normal_speed"] == load_params(None).dataset("tiny").source.normal_speed != 3.0
