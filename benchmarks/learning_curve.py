@@ -96,10 +96,14 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
 
 def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """The earlier table with the new rows added; an earlier row of the same (dataset, variant, epochs, seed) gives
-    way to the new one."""
+    way to the new one in its place (the table keeps its order), the other new rows come last."""
     key = ["dataset", "variant", "epochs", "seed"]
-    replaced = earlier.set_index(key).index.isin(new.set_index(key).index)
-    return pd.concat([earlier[~replaced], new], ignore_index=True)
+    new_keys = list(new.set_index(key).index)
+    rows = [new.iloc[[new_keys.index(k)]] if k in new_keys else earlier.iloc[[i]]
+            for i, k in enumerate(earlier.set_index(key).index)]
+    kept = set(earlier.set_index(key).index)
+    rows += [new.iloc[[i]] for i, k in enumerate(new_keys) if k not in kept]
+    return pd.concat(rows, ignore_index=True)
 
 
 def labelled_variant(params, label: str, dataset):

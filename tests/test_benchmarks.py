@@ -32,7 +32,7 @@ def test_step_flops_counts_forward_and_backward_convolutions_by_hand():
     assert step_flops(model, optimizer, inputs, target, variant) == 2 * first + 3 * second == 39936
 
 
-def test_an_appended_probe_replaces_its_own_row_and_keeps_the_others():
+def test_an_appended_probe_replaces_its_own_row_in_place_and_keeps_the_others():
     import pandas as pd
 
     from benchmarks.learning_curve import appended
@@ -41,10 +41,11 @@ def test_an_appended_probe_replaces_its_own_row_and_keeps_the_others():
     earlier = pd.DataFrame([{**key, "variant": "memae", "epochs": 4, "auc_micro": 0.73},
                             {**key, "variant": "memae:input_frames=8", "epochs": 4, "auc_micro": 0.50},
                             {**key, "variant": "memae", "epochs": 8, "auc_micro": 0.74}])
-    new = pd.DataFrame([{**key, "variant": "memae:input_frames=8", "epochs": 4, "auc_micro": 0.80}])
+    new = pd.DataFrame([{**key, "variant": "memae:width=2", "epochs": 4, "auc_micro": 0.60},
+                        {**key, "variant": "memae:input_frames=8", "epochs": 4, "auc_micro": 0.80}])
     table = appended(earlier, new)
     assert table[["variant", "epochs", "auc_micro"]].values.tolist() == [
-        ["memae", 4, 0.73], ["memae", 8, 0.74], ["memae:input_frames=8", 4, 0.80]]
+        ["memae", 4, 0.73], ["memae:input_frames=8", 4, 0.80], ["memae", 8, 0.74], ["memae:width=2", 4, 0.60]]
 
 
 def test_a_table_of_probes_only_draws_no_learning_curve(tmp_path):
