@@ -44,47 +44,59 @@ PREDICTION_MODELS = ("mnad-pred", "ae-pred")
 TABLE_COLUMNS = ["dataset", "variant", "seed", "scoring", "headline", "normal", "anomaly_type", "auc"]
 
 
-def clean_normal(scores: pd.DataFrame, labels: pd.DataFrame, variant: Variant) -> np.ndarray:
+def abnormal_before(labels: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per test video of `labels` (read_labels): counts[j] = abnormal frames before frame j, so that the abnormal
+    frames of any window of frames [a, b) are counts[b] - counts[a]."""
+    test = labels[labels["split"] == "test"]
+    counts = {}
+    for video, frames in test.groupby("video", sort=False):
+        abnormal = np.zeros(int(frames["frame"].max()) + 1, dtype=np.int64)
+        abnormal[frames["frame"].to_numpy()] = frames["label"].to_numpy()
+        counts[video] = np.concatenate([[0], np.cumsum(abnormal)])
+    return counts
+
+
+def clean_normal(scores: pd.DataFrame, counts: dict[str, np.ndarray], variant: Variant) -> np.ndarray:
     """For each scored frame (scores.csv rows: video, frame, label): whether it is normal and the scoring window of
-    its sample, frames [frame - scored_offset, frame - scored_offset + window - 1] of its video (labels: every test
-    frame's label, read_labels), holds no abnormal frame."""
+    its sample, frames [frame - scored_offset, frame - scored_offset + window - 1] of its video, holds no abnormal
+    frame (counts: abnormal_before of the dataset's labels)."""
     before, after = variant.scored_offset, variant.window - 1 - variant.scored_offset
     clean = np.zeros(len(scores), dtype=bool)
-    test = labels[labels["split"] == "test"]
+    frames, normal = scores["frame"].to_numpy(), scores["label"].to_numpy() == 0
     for video, rows in scores.groupby("video", sort=False).indices.items():
-        video_labels = test[test["video"] == video]
-        if video_labels.empty:
+        if video not in counts:
             raise ValueError(f"scores hold video {video!r}, which the labels table has no test frames of")
-        abnormal = np.zeros(int(video_labels["frame"].max()) + 1, dtype=np.int64)
-        abnormal[video_labels["frame"].to_numpy()] = video_labels["label"].to_numpy()
-        counts = np.concatenate([[0], np.cumsum(abnormal)])  # counts[j] = abnormal frames before frame j
-        frames = scores["frame"].to_numpy()[rows]
-        first = np.clip(frames - before, 0, len(abnormal))
-        last = np.clip(frames + after + 1, 0, len(abnormal))
-        clean[rows] = (counts[last] - counts[first] == 0) & (scores["label"].to_numpy()[rows] == 0)
+        video_counts = counts[video]
+        first = np.clip(frames[rows] - before, 0, len(video_counts) - 1)
+        last = np.clip(frames[rows] + after + 1, 0, len(video_counts) - 1)
+        clean[rows] = (video_counts[last] == video_counts[first]) & normal[rows]
     return clean
 
 
-def aucs_by_normal_set(scores: pd.DataFrame, labels: pd.DataFrame, variant: Variant,
-                       column: str) -> dict[str, dict[str, float]]:
-    """{normal set: {anomaly type: AUC of the type's frames against that set's normal frames}} for one scoring."""
+def aucs_by_normal_set(scores: pd.DataFrame, clean: np.ndarray, column: str) -> dict[str, dict[str, float]]:
+    """{normal set: {anomaly type: AUC of the type's frames against that set's normal frames}} for one scoring
+    (clean: clean_normal of the same scores)."""
     label, score, kind = (scores["label"].to_numpy(), scores[column].to_numpy(dtype=np.float64),
                           scores["anomaly_type"].to_numpy())
-    kept = (label == 1) | clean_normal(scores, labels, variant)
+    kept = (label == 1) | clean
     return {"all": auc_by_type(label, score, kind), "clean": auc_by_type(label[kept], score[kept], kind[kept])}
 
 
 def per_type_table(dataset: str, params: Params, runs_root: Path | None, data_root: Path | None) -> pd.DataFrame:
-    rows = []
+    """One row per (run, scoring, normal set, anomaly type); empty for a real dataset, which records no types."""
     runs = existing_runs(params, dataset, runs_root, needs=("metrics.json", "scores.csv"))
-    labels = read_labels(frames_dir(dataset, data_root)) if runs else None
+    if not runs or not params.dataset(dataset).is_synthetic:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    counts = abnormal_before(read_labels(frames_dir(dataset, data_root)))
+    rows = []
     for run in runs:
         metrics, scores = run.metrics(), run.scores()
         headline = headline_scoring(metrics)
+        clean = clean_normal(scores, counts, params.variant(run.variant))  # one mask for both scorings
         for scoring, column in SCORE_COLUMNS.items():
-            if scoring not in metrics or not (scores["anomaly_type"] != "").any():
-                continue  # real datasets record no anomaly types
-            for normal, aucs in aucs_by_normal_set(scores, labels, params.variant(run.variant), column).items():
+            if scoring not in metrics:
+                continue
+            for normal, aucs in aucs_by_normal_set(scores, clean, column).items():
                 rows += [{"dataset": dataset, "variant": run.variant, "seed": run.seed, "scoring": scoring,
                           "headline": scoring == headline, "normal": normal, "anomaly_type": kind, "auc": value}
                          for kind, value in aucs.items()]

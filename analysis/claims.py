@@ -347,13 +347,6 @@ def claim_datasets(results: Results, claim: str) -> list[str]:
 COLLAPSE_STUDY = "collapse study"   # the C5 row's entry for the collapse study (analysis.collapse)
 
 
-def collapse_table(results: Results) -> pd.DataFrame | None:
-    """The collapse study's table (analysis.collapse's final.csv): None when the `collapse_analysis` stage has not
-    written it, empty when the study has no run (params.yaml `collapse.settings` lists none)."""
-    path = results.analysis_root / "tables" / "collapse" / "final.csv"
-    return pd.read_csv(path) if path.exists() else None
-
-
 def collapse_not_run(params) -> str:
     """Why the collapse study's table is empty."""
     return ("params.yaml `collapse.settings` lists no setting (the quick look leaves the study out; the default study "
@@ -370,7 +363,7 @@ def assess_collapse_study(results: Results) -> Assessment:
     """C5 on the collapse study's base setting (mnad-pred with skips on 8 scenes, 10x the default's steps): holds
     when more than half of its seeds collapse, does not hold when no setting collapses in any seed; the settings
     that collapse and the hypothesis are in REPORT.md's collapse-study section."""
-    final = collapse_table(results)
+    final = results.collapse_table
     if final is None:
         return Assessment(["the collapse study did not run (no `collapse_analysis` table)"], NOT_RUN)
     if final.empty:

@@ -22,13 +22,13 @@ import pandas as pd
 
 from analysis.bootstrap import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, NOT_EXERCISED, NOT_RUN, UNDERTRAINED
 from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE, PAPER_AUC, RC2020_AUC, Assessment,
-                             assess_all, collapse_not_run, collapse_table, combine, dominance,
+                             assess_all, collapse_not_run, combine, dominance,
                              unlearnt_collapse_runs)
 from analysis.common import ANALYSIS_DIR, BASELINE, NORMAL_SETS, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
 from analysis.probes import split_label
-from analysis.results import PAPER_DATASETS, Results
+from analysis.results import CLEAN_AUC_COLUMNS, PAPER_DATASETS, Results
 from pipeline import tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ANOMALY_TYPES, REPO_ROOT, Params, load_params
@@ -263,7 +263,7 @@ def budget_section(results: Results) -> str:
     chosen = ([f"The budget was chosen from measured learning curves (`benchmarks/learning_curve.py`: AUC per "
                f"anomaly type and training loss against steps, one seed per length, each length its own cosine "
                f"schedule; probes test one setting at one length): [learning curves]({link}).", "",
-               learning_curve_table(results.analysis_root / "tables" / "budget" / "learning_curve.csv"), "",
+               learning_curve_table(results.learning_curve), "",
                *filter(None, [curve_reproduces_study(results)]), ""]
               if curve.exists() else [])
     return "\n".join(["## Training budget", "", "What every run of a dataset and model family trained with "
@@ -273,29 +273,16 @@ def budget_section(results: Results) -> str:
                              "steps"], rows)])
 
 
-CLEAN_AUC_COLUMNS = tuple(f"clean_auc_{kind}" for kind in ANOMALY_TYPES)
-
-
-def read_learning_curve(path: Path) -> pd.DataFrame | None:
-    """The learning-curve table (benchmarks/learning_curve.py), None when absent. Rows written before the per-type
-    AUCs against clean normal frames were recorded read them as missing (rerun the script to fill them)."""
-    if not path.exists():
-        return None
-    curve = pd.read_csv(path)
-    return curve.reindex(columns=[*curve.columns, *(c for c in CLEAN_AUC_COLUMNS if c not in curve.columns)])
-
-
 def curve_reproduces_study(results: Results) -> str:
     """Whether the curve's rows at the study's own budget (a plain study variant at its profile's epochs, on a seed
     the study ran) give the micro AUC of the study's run of that seed: a curve measured under other code or params
     is stale. Empty when no row matches a run."""
-    params = results.params
-    curve = read_learning_curve(results.analysis_root / "tables" / "budget" / "learning_curve.csv")
+    params, curve = results.params, results.learning_curve
     matched, differing = 0, []
     for row in ([] if curve is None else curve.itertuples()):
         runs = dict(results.metrics.get(row.dataset, {}).get(row.variant, []))
-        if row.seed not in runs or row.epochs != params.dataset(row.dataset).profile.for_family(
-                params.variant(row.variant).family).epochs:
+        if row.seed not in runs or row.epochs != params.dataset(row.dataset).training_profile(
+                params.variant(row.variant)).epochs:
             continue
         matched += 1
         study = runs[row.seed][headline_scoring(runs[row.seed])]["auc_micro"]
@@ -310,10 +297,10 @@ def curve_reproduces_study(results: Results) -> str:
             f"seed exactly: the curve was measured under the study's code and params." if matched else "")
 
 
-def learning_curve_table(path: Path) -> str:
-    """The measured learning curves, one row per (dataset, variant, seed, length): what the budget was chosen from.
-    MemAE's zero-row share is the share of queries its hard shrinkage zeroed entirely at the end of training."""
-    curve = read_learning_curve(path)
+def learning_curve_table(curve: pd.DataFrame | None) -> str:
+    """The measured learning curves (read_learning_curve), one row per (dataset, variant, seed, length): what the
+    budget was chosen from. MemAE's zero-row share is the share of queries its hard shrinkage zeroed entirely at the
+    end of training."""
     if curve is None:
         return ""
     rows = [[r.dataset, f"`{r.variant}`" + (" (probe)" if r.probe else ""), str(r.seed), str(r.epochs),
@@ -335,7 +322,7 @@ GPU_SAMPLES_PER_SECOND = 60.0
 def collapse_section(results: Results) -> str:
     """The collapse study: under which setting the memory collapses, when, and whether the hypothesis holds."""
     params = results.params
-    final = collapse_table(results)
+    final = results.collapse_table
     lines = ["## The collapse study (C5: when and why the memory collapses)", ""]
     if final is None:
         return "\n".join(lines + ["not run here (the `collapse_analysis` stage has not written its table)."])
@@ -536,22 +523,23 @@ SET_DESIGN = (("a reconstruction model", lambda v: v.task == "reconstruct" and v
               ("MemAE", lambda v: v.family == "memae", "spatial", 0.75))
 
 
-def per_type_aucs(results: Results, dataset: str, normal: str) -> dict[str, dict[str, list[float]]]:
-    """Per variant and anomaly type, the seeds' AUCs under the headline scoring against the `normal` set of normal
-    frames (all | clean: analysis.anomaly_types); empty when not analysed."""
+def per_type_aucs(results: Results, dataset: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per set of normal frames (NORMAL_SETS: analysis.anomaly_types), variant and anomaly type, the seeds' AUCs
+    under the headline scoring; empty when not analysed."""
     frame = results.analysis_table("anomaly_types", dataset, "per_type_auc.csv")
     if frame is None or frame.empty:
         return {}
-    frame = frame[frame["headline"].astype(bool) & (frame["normal"] == normal)]
-    return {variant: {kind: rows["auc"].tolist() for kind, rows in group.groupby("anomaly_type", sort=False)}
-            for variant, group in frame.groupby("variant", sort=False)}
+    frame = frame[frame["headline"].astype(bool)]
+    return {normal: {variant: {kind: rows["auc"].tolist() for kind, rows in group.groupby("anomaly_type", sort=False)}
+                     for variant, group in frame[frame["normal"] == normal].groupby("variant", sort=False)}
+            for normal in NORMAL_SETS}
 
 
 def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
     """Whether the set shows what it is built for (SET_DESIGN), per kind of model, against clean normal frames (what
     the model sees in the type itself): (the best variant against its bar, and for a bar not met that variant's
     best probe, or "")."""
-    by_variant, checks = per_type_aucs(results, dataset, "clean"), []
+    by_variant, checks = per_type_aucs(results, dataset).get("clean", {}), []
     for models, is_model, kind, bar in SET_DESIGN:
         means = {v: np.mean(aucs[kind]) for v, aucs in by_variant.items()
                  if kind in aucs and is_model(results.params.variant(v))}
@@ -567,18 +555,16 @@ def design_checks(results: Results, dataset: str) -> list[tuple[str, str]]:
 def per_type_lines(results: Results, dataset: str, checks: list[tuple[str, str]]) -> list[str]:
     """AUC per anomaly type (headline scoring, mean ± std over seeds) against all and against clean normal frames,
     and the set's design checks (design_checks)."""
-    by_set = {normal: per_type_aucs(results, dataset, normal) for normal in NORMAL_SETS}
-    if not by_set["all"]:
+    by_set = per_type_aucs(results, dataset)
+    if not by_set.get("all"):
         return []
     types = list(dict.fromkeys(kind for aucs in by_set["all"].values() for kind in aucs))
     rows = [[f"`{variant}`", *(percent(by_set[normal].get(variant, {}).get(kind, []))
                                for normal in NORMAL_SETS for kind in types)] for variant in by_set["all"]]
-    return ["AUC per anomaly type (headline scoring), mean ± std over seeds, against all normal frames (the "
-            "papers' pooling) and against clean ones: the normal frames whose scoring window (the frames the "
-            "sample spans: a prediction's 4 inputs and target, MemAE's 16-frame clip) holds no abnormal frame. A "
-            "window-level score spreads an event's error over the normal frames whose window overlaps it, so "
-            "against all normal frames a type is ranked partly against other types' events; the set's design bars "
-            "use clean normal frames.", "",
+    return ["AUC per anomaly type (headline scoring), mean ± std over seeds, against all normal frames and against "
+            "clean ones (Protocol). A window-level score spreads an event's error over the normal frames whose window "
+            "overlaps it (MemAE's 16-frame clip, a prediction's 4 inputs), so against all normal frames a type is "
+            "ranked partly against other types' events.", "",
             table(["variant", *(f"{kind.replace('_', '-')}, {normal}" for normal in NORMAL_SETS for kind in types)],
                   rows), "",
             *([f"What the set is built to show: {'; '.join(check + probe for check, probe in checks)}.", ""]
@@ -587,7 +573,7 @@ def per_type_lines(results: Results, dataset: str, checks: list[tuple[str, str]]
 
 def best_probe(results: Results, dataset: str, variant: str, kind: str) -> str:
     """", of N probes of `variant` (the learning-curve table) the best on `kind`: ..."; empty without probes."""
-    curve = read_learning_curve(results.analysis_root / "tables" / "budget" / "learning_curve.csv")
+    curve = results.learning_curve
     if curve is None:
         return ""
     probes = curve[(curve["dataset"] == dataset) & curve["probe"].astype(bool)

@@ -7,18 +7,32 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.common import existing_runs, study_variants, variant_seeds
-from pipeline.config import REAL_KINDS, Params
+from pipeline.config import ANOMALY_TYPES, REAL_KINDS, Params
 from pipeline.metrics import headline_scoring
 
 PAPER_DATASETS = ("ped2", "avenue", "shanghaitech")  # where the papers report numbers
 TEXT_COLUMNS = {"note", "anomaly_type", "seeds", "comparison", "role", "verdict", "claim", "part", "fill", "split",
                 "kind"}
+
+
+# The learning-curve table's per-type AUCs against clean normal frames (benchmarks/learning_curve.py).
+CLEAN_AUC_COLUMNS = tuple(f"clean_auc_{kind}" for kind in ANOMALY_TYPES)
+
+
+def read_learning_curve(path: Path) -> pd.DataFrame | None:
+    """The learning-curve table (benchmarks/learning_curve.py), None when absent. Rows written before the per-type
+    AUCs against clean normal frames were recorded read them as missing (rerun the script to fill them)."""
+    if not path.exists():
+        return None
+    curve = pd.read_csv(path)
+    return curve.reindex(columns=[*curve.columns, *(c for c in CLEAN_AUC_COLUMNS if c not in curve.columns)])
 
 
 @dataclass
@@ -71,6 +85,18 @@ class Results:
         return [f"{variant} s{seed}" for variant in variants
                 for seed, metrics in self.metrics.get(dataset, {}).get(variant, [])
                 if "gate" in metrics and not metrics["gate"]["learnt"]]
+
+    @cached_property
+    def learning_curve(self) -> pd.DataFrame | None:
+        """The learning-curve table the budget was chosen from (read_learning_curve); None when absent."""
+        return read_learning_curve(self.analysis_root / "tables" / "budget" / "learning_curve.csv")
+
+    @cached_property
+    def collapse_table(self) -> pd.DataFrame | None:
+        """The collapse study's table (analysis.collapse's final.csv): None when the `collapse_analysis` stage has
+        not written it, empty when the study has no run (params.yaml `collapse.settings` lists none)."""
+        path = self.analysis_root / "tables" / "collapse" / "final.csv"
+        return pd.read_csv(path) if path.exists() else None
 
     def analysis_table(self, topic: str, dataset: str, name: str) -> pd.DataFrame | None:
         """An analysis table restricted to the study's variants and seeds; None when the analysis did not run."""

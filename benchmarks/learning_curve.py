@@ -34,7 +34,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import plotting  # noqa: E402
-from analysis.anomaly_types import aucs_by_normal_set  # noqa: E402
+from analysis.anomaly_types import abnormal_before, aucs_by_normal_set, clean_normal  # noqa: E402
 from analysis.common import SCORE_COLUMNS, Run  # noqa: E402
 from analysis.probes import split_label  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
@@ -79,7 +79,8 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
                              params.gate.floor_margin_db)
         headline = metrics[metrics["headline"]]
         scores = Run(dataset_name, variant_name, seed, out).scores()
-        clean = aucs_by_normal_set(scores, read_labels(frames), variant, SCORE_COLUMNS[metrics["headline"]])["clean"]
+        clean_frames = clean_normal(scores, abnormal_before(read_labels(frames)), variant)
+        clean = aucs_by_normal_set(scores, clean_frames, SCORE_COLUMNS[metrics["headline"]])["clean"]
         row = {"dataset": dataset_name, "variant": variant_name, "probe": probe, "seed": seed, "epochs": epochs,
                "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
                "eval_seconds": round(eval_seconds, 1), "updated_frames": headline.get("updated_frames", 0),
@@ -98,12 +99,10 @@ def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """The earlier table with the new rows added; an earlier row of the same (dataset, variant, epochs, seed) gives
     way to the new one in its place (the table keeps its order), the other new rows come last."""
     key = ["dataset", "variant", "epochs", "seed"]
-    new_keys = list(new.set_index(key).index)
-    rows = [new.iloc[[new_keys.index(k)]] if k in new_keys else earlier.iloc[[i]]
-            for i, k in enumerate(earlier.set_index(key).index)]
-    kept = set(earlier.set_index(key).index)
-    rows += [new.iloc[[i]] for i, k in enumerate(new_keys) if k not in kept]
-    return pd.concat(rows, ignore_index=True)
+    table = pd.concat([earlier, new], ignore_index=True)
+    first_seen = table.groupby(key, sort=False).ngroup()   # a key's place: where it first appears
+    return (table.assign(_place=first_seen).drop_duplicates(key, keep="last")
+            .sort_values("_place", kind="stable").drop(columns="_place").reset_index(drop=True))
 
 
 def labelled_variant(params, label: str, dataset):

@@ -275,10 +275,11 @@ def test_clean_normal_frames_are_those_whose_scoring_window_holds_no_abnormal_fr
     labels = pd.DataFrame({"split": "test", "video": ["00"] * 40 + ["01"] * 40, "frame": [*range(40), *range(40)],
                            "label": [1 if 8 <= f <= 10 else 0 for f in range(40)] + [0] * 40})
     labels["anomaly_type"] = np.where(labels["label"] == 1, "spatial", "")
+    counts = anomaly_types.abnormal_before(labels)
 
     def clean_frames(variant, first, last):  # the variant's scored frames: first..last of each video
         scores = labels[(labels["frame"] >= first) & (labels["frame"] <= last)].reset_index(drop=True)
-        clean = anomaly_types.clean_normal(scores, labels, params.variant(variant))
+        clean = anomaly_types.clean_normal(scores, counts, params.variant(variant))
         return {video: scores["frame"][clean & (scores["video"] == video)].tolist() for video in ("00", "01")}
 
     # reconstruction scores the frame alone: every normal frame is clean
@@ -293,10 +294,11 @@ def test_clean_normal_frames_are_those_whose_scoring_window_holds_no_abnormal_fr
     # 29/33, against the 29 clean ones 1
     scores = labels[(labels["video"] == "00") & (labels["frame"] >= 4)].reset_index(drop=True)
     scores["score"] = np.select([scores["label"] == 1, scores["frame"].between(11, 14)], [0.5, 0.0], 1.0)
-    aucs = anomaly_types.aucs_by_normal_set(scores, labels, params.variant("mnad-pred"), "score")
+    clean = anomaly_types.clean_normal(scores, counts, params.variant("mnad-pred"))
+    aucs = anomaly_types.aucs_by_normal_set(scores, clean, "score")
     assert aucs == {"all": {"spatial": pytest.approx(29 / 33)}, "clean": {"spatial": 1.0}}
     with pytest.raises(ValueError, match="video '02'"):
-        anomaly_types.clean_normal(scores.assign(video="02"), labels, params.variant("mnad-pred"))
+        anomaly_types.clean_normal(scores.assign(video="02"), counts, params.variant("mnad-pred"))
 
 
 def test_event_frames_picks_the_middle_of_the_first_event_of_each_type():

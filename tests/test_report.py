@@ -223,6 +223,7 @@ def test_a_study_with_no_runs_claims_nothing(tmp_path):
 
 def test_the_learning_curve_table_names_each_rows_dataset_seed_and_whether_it_is_a_probe(tmp_path):
     from analysis.report import learning_curve_table
+    from analysis.results import read_learning_curve
     row = {"steps": 248, "train_seconds": 39.6, "late_improvement": 0.0562, "normal_psnr": 21.62, "floor_psnr": 15.8,
            "auc_micro": 0.8014, "auc_spatial": 0.2, "auc_temporal": 0.2, "auc_spatio_temporal": 0.2,
            "clean_auc_spatial": 0.56, "clean_auc_temporal": 0.914, "clean_auc_spatio_temporal": 0.9186}
@@ -230,7 +231,7 @@ def test_the_learning_curve_table_names_each_rows_dataset_seed_and_whether_it_is
                    "zero_rows": 0.25, "learnt": True, **row},
                   {"dataset": "synthetic-scenes", "variant": "mnad-pred@lr=0.001", "probe": True, "seed": 2,
                    "epochs": 4, "zero_rows": np.nan, "learnt": False, **row}]).to_csv(tmp_path / "curve.csv")
-    lines = learning_curve_table(tmp_path / "curve.csv").splitlines()
+    lines = learning_curve_table(read_learning_curve(tmp_path / "curve.csv")).splitlines()
     assert lines[0].startswith("| dataset | variant | seed | epochs |")
     assert lines[2:] == [
         "| synthetic | `memae` | 0 | 4 | 248 | 40 | 5.6% | 21.6 / 15.8 | yes | 80.1 | 56.0 | 91.4 | 91.9 | 25% |",
@@ -239,7 +240,7 @@ def test_the_learning_curve_table_names_each_rows_dataset_seed_and_whether_it_is
     # a table written before the clean per-type AUCs were recorded shows them as missing
     pd.read_csv(tmp_path / "curve.csv").drop(columns=[c for c in row if c.startswith("clean_")]).to_csv(
         tmp_path / "old.csv", index=False)
-    assert learning_curve_table(tmp_path / "old.csv").splitlines()[2].endswith("| yes | 80.1 | — | — | — | 25% |")
+    assert learning_curve_table(read_learning_curve(tmp_path / "old.csv")).splitlines()[2].endswith("| yes | 80.1 | — | — | — | 25% |")
 
 
 def test_the_per_type_table_checks_the_sets_design_bars_and_names_memaes_best_probe(tmp_path):
@@ -362,10 +363,15 @@ def test_a_learning_curve_measured_under_other_code_reads_stale_against_the_stud
     from analysis.report import curve_reproduces_study
     from analysis.results import Results
 
-    results = Results(load_params(None), tmp_path / "runs", tmp_path, tmp_path)
-    assert curve_reproduces_study(results) == ""  # no curve
-    results.metrics = {"synthetic": {"mnad-pred": [(0, {"with_update": {"auc_micro": 0.852}})],
-                                     "memae": [(0, {"without_update": {"auc_micro": 0.739}})]}}
+    metrics = {"synthetic": {"mnad-pred": [(0, {"with_update": {"auc_micro": 0.852}})],
+                             "memae": [(0, {"without_update": {"auc_micro": 0.739}})]}}
+
+    def study_results():  # Results reads the curve once: a fresh one per state of the table
+        results = Results(load_params(None), tmp_path / "runs", tmp_path, tmp_path)
+        results.metrics = metrics
+        return results
+
+    assert curve_reproduces_study(study_results()) == ""  # no curve
     row = {"dataset": "synthetic", "probe": False, "seed": 0, "epochs": 4}  # the synthetic profile's 4 epochs
     rows = [{**row, "variant": "mnad-pred", "auc_micro": 0.852},
             {**row, "variant": "memae", "auc_micro": 0.70},
@@ -374,10 +380,10 @@ def test_a_learning_curve_measured_under_other_code_reads_stale_against_the_stud
             {**row, "variant": "mnad-pred", "seed": 1, "auc_micro": 0.5}]       # a seed the study did not run
     (tmp_path / "tables" / "budget").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
-    assert curve_reproduces_study(results) == (
+    assert curve_reproduces_study(study_results()) == (
         "**Stale**: of the curve's 2 rows at the study's budget, 1 do not reproduce the micro AUC of the study's run "
         "of the same seed (synthetic `memae` seed 0: 70.0 against 73.9): the curve was measured under other code or "
         "params; rerun `python benchmarks/learning_curve.py`.")
     rows[1]["auc_micro"] = 0.739
     pd.DataFrame(rows).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
-    assert curve_reproduces_study(results).startswith("The curve's 2 rows at the study's budget reproduce the micro")
+    assert curve_reproduces_study(study_results()).startswith("The curve's 2 rows at the study's budget reproduce the micro")
