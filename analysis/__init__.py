@@ -5,3 +5,5 @@ model-based analyses, data/frames/), and writes figures under analysis/figures/<
 behind them under analysis/tables/<topic>/<dataset>/. analysis.report turns the tables and the runs' metrics.json
 into REPORT.md.
 """
+
+import pipeline  # noqa: F401,E402  (before anything loads numpy or torch: pins their CPU kernels, pipeline/__init__.py)

@@ -29,7 +29,7 @@ from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
 from analysis.probes import split_label
 from analysis.results import CLEAN_AUC_COLUMNS, PAPER_DATASETS, Results
-from pipeline import tracking
+from pipeline import cpu_kernels, tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ANOMALY_TYPES, REPO_ROOT, Params, load_params
 from pipeline.errors import exit_cleanly
@@ -669,14 +669,18 @@ def reproducibility_section(results: Results) -> str:
     return "\n".join([
         "## Reproducibility: versions, devices, and what differs on a GPU", "",
         f"Every stage of one `dvc repro` runs in the environment that wrote this report: Python "
-        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({cpu_model()}).", "",
+        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({cpu_model()}); torch's CPU "
+        f"kernels: {cpu_kernels()}.", "",
         table(["package", "version"], versions), "",
         "Where the runs trained (from their checkpoints):", "",
         table(list(devices.columns), devices.astype(str).values.tolist()) if len(devices) else "no trained run.", "",
         "- **On CPU** the same params, package versions and torch thread count (`profile.threads`, part of a run's "
         "fingerprint) give byte-identical checkpoints, scores.csv and metrics.json, also after a resume "
         "(tests/test_train_evaluate.py, tests/test_interruptions.py). The frames are byte-identical on any machine "
-        "(prepare seals them with a digest per file).",
+        "(prepare seals them with a digest per file). Across x86-64 CPUs this holds because torch's CPU kernels are "
+        "pinned to AVX2 (pipeline/__init__.py; `MEMVAD_CPU_KERNELS=native` lifts the pin): left to choose, its "
+        "libraries use AVX-512 where the CPU has it, which sums in another order, and the same run then differs "
+        "from the third digit of its loss on.",
         "- **On a GPU** the numbers are expected to differ from these: cuDNN's and cuBLAS's kernels sum in another "
         "order than the CPU's, so the weights differ in the last bits from the first step, and Adam enlarges such "
         "differences where a gradient is nearly zero (a convolution's bias before BatchNorm has none). By how much the "

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline import cpu_kernels  # noqa: E402  (first: pins the CPU kernels of numpy and torch)
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from analysis.report import cpu_model  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 
@@ -26,7 +26,7 @@ from pipeline.io import write_json  # noqa: E402
 def machine() -> dict:
     """The facts a speed figure depends on."""
     return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "cpu_kernels": cpu_kernels(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

@@ -16,10 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, report  # noqa: E402
+from common import REPO, report  # noqa: E402  (first: it pins the CPU kernels of numpy and torch)
+
+import torch  # noqa: E402
 
 DEFAULT_CASES = ["collapse-scenes8:mnad-pred", "collapse-scenes8-64px:mnad-pred", "synthetic:mnad-pred",
                  "synthetic:memae"]

@@ -25,12 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Subset
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from benchmarks.common import folder_mb, matmul_gflops, peak_rss_mb, report  # noqa: E402
 from benchmarks.train_speed import measure as training_speed  # noqa: E402

@@ -35,11 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Subset
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 os.environ.setdefault("TQDM_DISABLE", "1")   # the pipeline's progress bars would interleave with the table
 
 from benchmarks.common import matmul_gflops, report  # noqa: E402

@@ -26,11 +26,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 # Only what the prepare stage's processes import: spawned workers re-run this module's top level, so importing
 # torch here (benchmarks.common does) would charge the pool a start-up the real stage never pays.
 from pipeline.config import load_params  # noqa: E402

@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import torch  # noqa: E402
 
 from benchmarks.common import matmul_gflops, report  # noqa: E402
 from benchmarks.tiny_study import repro, tiny_study_copy  # noqa: E402

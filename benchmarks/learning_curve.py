@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from analysis import plotting  # noqa: E402
 from analysis.anomaly_types import abnormal_before, aucs_by_normal_set, clean_normal  # noqa: E402
 from analysis.common import SCORE_COLUMNS, Run  # noqa: E402

@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import torch  # noqa: E402
 
 from models.build import build_model  # noqa: E402
 from models.clips import split_clip  # noqa: E402

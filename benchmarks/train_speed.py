@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.common import matmul_gflops, report, synchronize  # noqa: E402
 from models.build import build_model, image_channels  # noqa: E402

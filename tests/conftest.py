@@ -20,6 +20,7 @@ os.environ["DVC_NO_ANALYTICS"] = "true"   # also off in .dvc/config; this covers
 # Set before torch is imported, here and in the children (OpenBLAS reads it too).
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
