@@ -677,10 +677,11 @@ def reproducibility_section(results: Results) -> str:
         "- **On CPU** the same params, package versions and torch thread count (`profile.threads`, part of a run's "
         "fingerprint) give byte-identical checkpoints, scores.csv and metrics.json, also after a resume "
         "(tests/test_train_evaluate.py, tests/test_interruptions.py). The frames are byte-identical on any machine "
-        "(prepare seals them with a digest per file). Across x86-64 CPUs this holds because torch's CPU kernels are "
-        "pinned to AVX2 (pipeline/__init__.py; `MEMVAD_CPU_KERNELS=native` lifts the pin): left to choose, its "
-        "libraries use AVX-512 where the CPU has it, which sums in another order, and the same run then differs "
-        "from the third digit of its loss on.",
+        "(prepare seals them with a digest per file). Across x86-64 CPUs this holds because the CPU kernels of "
+        "torch and numpy are pinned to AVX2 (pipeline/__init__.py; `MEMVAD_CPU_KERNELS=native` lifts the pin): left "
+        "to choose, they use AVX-512 where the CPU has it, which sums in another order, and the same run then "
+        "differs from the third digit of its loss on. Pinned, a `dvc repro` from a fresh clone on an AVX-512 "
+        "machine wrote every metrics.json, table, figure and verdict of the AVX2 machines' study byte for byte.",
         "- **On a GPU** the numbers are expected to differ from these: cuDNN's and cuBLAS's kernels sum in another "
         "order than the CPU's, so the weights differ in the last bits from the first step, and Adam enlarges such "
         "differences where a gradient is nearly zero (a convolution's bias before BatchNorm has none). By how much the "

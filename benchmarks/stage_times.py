@@ -65,6 +65,11 @@ def main() -> int:
     kinds = summarise(stages, end)
     total = end - began
     work = sum(k["work_s"] for k in kinds.values())
+    if work > total:   # the lines came faster than the stages ran: a saved log, not a live `dvc repro`
+        print(f"\nstage_times.py: the stages report {work:.0f} s of work, but their output arrived within {total:.0f} "
+              f"s: it was read from a saved log, which holds no times. Pipe `python -m dvc repro 2>&1` into this "
+              f"script as it runs (--log keeps the stamped lines).", file=sys.stderr)
+        return 1
     print(f"\n{'stage kind':<16}{'stages':>7}{'mean s':>9}{'min s':>8}{'max s':>8}{'wall s':>9}{'work s':>9}"
           f"{'other s':>9}")
     for kind, k in kinds.items():

@@ -1,4 +1,7 @@
 """The benchmarks' own arithmetic: the flop count they divide by is the hand-computed one."""
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -83,3 +86,14 @@ def test_a_probe_label_sets_variant_profile_and_generator_options_and_renders_it
     assert default != frames
     assert json.loads((default.parent.parent / "raw" / "tiny" / "generator.json").read_text())["source"][
         "normal_speed"] == load_params(None).dataset("tiny").source.normal_speed != 3.0
+
+
+def test_stage_times_refuses_a_saved_log_that_holds_no_times():
+    saved = ("Running stage 'run@synthetic-memae':\nstage work: 61.18 s\n"
+             "Running stage 'report':\nstage work: 2.10 s\n")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "stage_times.py"
+    done = subprocess.run([sys.executable, str(script)], input=saved, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "the stages report 63 s of work" in done.stderr
+    assert "Pipe `python -m dvc repro 2>&1` into this script as it runs" in done.stderr
+    assert "stage kind" not in done.stdout   # no table of zeros
