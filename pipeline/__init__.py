@@ -1,7 +1,8 @@
 """Stages and shared data/tracking code of the memvad harness.
 
-Importing the package pins torch's CPU kernels to AVX2 on x86-64 machines that have it (`pin_cpu_kernels`), so that
-a run repeats the committed numbers bit for bit on any of them. Every stage imports this package before torch.
+Importing the package pins the CPU kernels of torch and numpy to AVX2 on x86-64 machines that have it
+(`pin_cpu_kernels`), so that a run repeats the committed numbers bit for bit on any of them. Every stage imports this
+package before numpy and torch.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def cpu_kernel_choice() -> str:
 
 def pin_cpu_kernels() -> bool:
     """Set CPU_KERNEL_PINS (a variable the user set is kept) unless MEMVAD_CPU_KERNELS=native or the CPU lacks AVX2.
-    Returns whether the pins are in force. Too late once torch is loaded: then it warns and changes nothing."""
+    Returns whether the pins are in force. Too late once torch or numpy is loaded: then it warns and changes
+    nothing."""
     if cpu_kernel_choice() == "native" or not cpu_has_avx2():
         return False
     missing = {name: value for name, value in CPU_KERNEL_PINS.items() if name not in os.environ}
