@@ -28,8 +28,8 @@ from analysis.common import ANALYSIS_DIR, BASELINE, NORMAL_SETS, SCORE_COLUMNS, 
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
 from analysis.probes import split_label
-from analysis.results import CLEAN_AUC_COLUMNS, PAPER_DATASETS, Results
-from pipeline import cpu_kernels, tracking
+from analysis.results import CLEAN_AUC_COLUMNS, PAPER_DATASETS, Results, clean_auc_column
+from pipeline import cpu_kernels, cpu_model, tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ANOMALY_TYPES, REPO_ROOT, Params, load_params
 from pipeline.errors import exit_cleanly
@@ -576,14 +576,14 @@ def best_probe(results: Results, dataset: str, variant: str, kind: str) -> str:
     curve = results.learning_curve
     if curve is None:
         return ""
+    column = clean_auc_column(kind)
     probes = curve[(curve["dataset"] == dataset) & curve["probe"].astype(bool)
-                   & curve["variant"].map(lambda label: split_label(label).name == variant)
-                   & curve[f"clean_auc_{kind}"].notna()]
+                   & curve["variant"].map(lambda label: split_label(label).name == variant) & curve[column].notna()]
     if probes.empty:
         return ""
-    best = probes.loc[probes[f"clean_auc_{kind}"].idxmax()]
+    best = probes.loc[probes[column].idxmax()]
     return (f"; of its {len(probes)} probes (one suspect each, under Training budget) the best on {kind} is "
-            f"`{best['variant']}` with {100 * best[f'clean_auc_{kind}']:.1f}")
+            f"`{best['variant']}` with {100 * best[column]:.1f}")
 
 
 def _reported(numbers: dict, variant: str, dataset: str) -> str:
@@ -630,17 +630,6 @@ def comparisons_section(results: Results) -> str:
                              "verdict"], rows)])
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), for the records a number depends on."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def training_devices(results: Results) -> pd.DataFrame:
     """How many of the study's trained runs (the collapse study's too) trained where: device, processes (torchrun
     ranks), torch threads."""
@@ -669,8 +658,8 @@ def reproducibility_section(results: Results) -> str:
     return "\n".join([
         "## Reproducibility: versions, devices, and what differs on a GPU", "",
         f"Every stage of one `dvc repro` runs in the environment that wrote this report: Python "
-        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({cpu_model()}); torch's CPU "
-        f"kernels: {cpu_kernels()}.", "",
+        f"{platform.python_version()} on {platform.system()} {platform.machine()} ({cpu_model()}); CPU kernels: "
+        f"{cpu_kernels()}.", "",
         table(["package", "version"], versions), "",
         "Where the runs trained (from their checkpoints):", "",
         table(list(devices.columns), devices.astype(str).values.tolist()) if len(devices) else "no trained run.", "",

@@ -22,8 +22,13 @@ TEXT_COLUMNS = {"note", "anomaly_type", "seeds", "comparison", "role", "verdict"
                 "kind"}
 
 
-# The learning-curve table's per-type AUCs against clean normal frames (benchmarks/learning_curve.py).
-CLEAN_AUC_COLUMNS = tuple(f"clean_auc_{kind}" for kind in ANOMALY_TYPES)
+def clean_auc_column(kind: str) -> str:
+    """The learning-curve table's column of an anomaly type's AUC against clean normal frames
+    (benchmarks/learning_curve.py)."""
+    return f"clean_auc_{kind}"
+
+
+CLEAN_AUC_COLUMNS = tuple(clean_auc_column(kind) for kind in ANOMALY_TYPES)
 
 
 def read_learning_curve(path: Path) -> pd.DataFrame | None:

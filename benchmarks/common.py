@@ -16,10 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import cpu_kernels  # noqa: E402  (first: pins the CPU kernels of numpy and torch)
+from pipeline import cpu_kernels, cpu_model  # noqa: E402  (first: pins the CPU kernels of numpy and torch)
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from analysis.report import cpu_model  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 
 

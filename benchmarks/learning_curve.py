@@ -37,6 +37,7 @@ from analysis import plotting  # noqa: E402
 from analysis.anomaly_types import abnormal_before, aucs_by_normal_set, clean_normal  # noqa: E402
 from analysis.common import SCORE_COLUMNS, Run  # noqa: E402
 from analysis.probes import split_label  # noqa: E402
+from analysis.results import clean_auc_column  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
 from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
 from pipeline.data import read_labels  # noqa: E402
@@ -89,7 +90,7 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
                "plateaued": gate["plateaued"], "normal_psnr": gate["normal_psnr"],
                "floor_psnr": gate["floor_psnr"], "learnt": gate["learnt"], "auc_micro": headline["auc_micro"],
                **{f"auc_{kind}": headline.get(f"auc_{kind}", np.nan) for kind in ANOMALY_TYPES},
-               **{f"clean_auc_{kind}": clean.get(kind, np.nan) for kind in ANOMALY_TYPES}}
+               **{clean_auc_column(kind): clean.get(kind, np.nan) for kind in ANOMALY_TYPES}}
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return pd.DataFrame(rows)
@@ -159,9 +160,9 @@ def figure(table: pd.DataFrame, path: Path) -> Path | None:
     fig, axes = plotting.figure(1, len(variants), panel=(3.4, 2.8))
     for ax, variant in zip(axes[0], variants):
         rows = table[table["variant"] == variant].sort_values("steps")
-        for column, style in (("auc_micro", "-"), *((f"clean_auc_{k}", ":") for k in ANOMALY_TYPES)):
-            ax.plot(rows["steps"], rows[column], style, marker="o", markersize=3,
-                    label=column.removeprefix("clean_").removeprefix("auc_"))
+        for column, style, label in (("auc_micro", "-", "micro"),
+                                     *((clean_auc_column(k), ":", k) for k in ANOMALY_TYPES)):
+            ax.plot(rows["steps"], rows[column], style, marker="o", markersize=3, label=label)
         ax.set(xscale="log", ylim=(0.3, 1.02), xlabel="training steps", ylabel="AUC", title=variant)
         loss = ax.twinx()
         loss.plot(rows["steps"], rows["final_loss"], color="grey", linewidth=0.8, label="final loss")

@@ -24,19 +24,29 @@ CPU_KERNELS_VARIABLE = "MEMVAD_CPU_KERNELS"   # avx2 (the default) | native: eac
 CPU_KERNEL_CHOICES = ("avx2", "native")
 
 
-def cpu_has_avx2() -> bool:
-    """Whether this is an x86-64 CPU with AVX2 and FMA (Linux's /proc/cpuinfo; elsewhere unknown: False)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+def cpuinfo(field: str) -> str | None:
+    """The first CPU's `field` in Linux's /proc/cpuinfo ("model name", "flags"); None where there is none."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx2" in flags and "fma" in flags
+        with open("/proc/cpuinfo") as lines:
+            for line in lines:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the records a number depends on."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this is an x86-64 CPU with AVX2 and FMA (/proc/cpuinfo; elsewhere unknown: False)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = (cpuinfo("flags") or "").split()
+    return "avx2" in flags and "fma" in flags
 
 
 def cpu_kernel_choice() -> str:
@@ -68,7 +78,8 @@ def pin_cpu_kernels() -> bool:
 
 
 def cpu_kernels() -> str:
-    """What this process's torch computes with on CPU, for the records: e.g. "AVX2 (pinned)", "AVX512 (native)"."""
+    """What this process computes with on CPU, for the records: torch's kernel level and whether the pins are in
+    force, e.g. "AVX2 (pinned)", "AVX512 (native)"."""
     import torch
     pinned = all(os.environ.get(name) == value for name, value in CPU_KERNEL_PINS.items())
     return f"{torch.backends.cpu.get_cpu_capability()} ({'pinned' if pinned else 'native'})"
