@@ -60,7 +60,7 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
     for variant_name, epochs, probe in jobs:
         variant, profile_options, source_options = labelled_variant(params, variant_name, base)
         frames = rendered(params_path, dataset_name, source_options, profile_options.get("frame_size"), work)
-        profile = base.profile.model_copy(update={**profile_options, "epochs": epochs})
+        profile = curve_profile(base, variant, profile_options, epochs)
         dataset = base.model_copy(update={"profile": profile,
                                           "source": base.source.model_copy(update=source_options)})
         out = run_dir(dataset_name, "".join(c if c.isalnum() else "_" for c in variant_name), seed,
@@ -94,6 +94,12 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return pd.DataFrame(rows)
+
+
+def curve_profile(dataset, variant, profile_options: dict, epochs: int):
+    """What `variant` trains with at one length of the curve: its family's own settings (params.yaml `families`)
+    with the label's profile options and `epochs` over them (the family's epochs would otherwise win)."""
+    return dataset.training_profile(variant).model_copy(update={**profile_options, "epochs": epochs})
 
 
 def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

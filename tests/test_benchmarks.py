@@ -97,3 +97,19 @@ def test_stage_times_refuses_a_saved_log_that_holds_no_times():
     assert "the stages report 63 s of work" in done.stderr
     assert "Pipe `python -m dvc repro 2>&1` into this script as it runs" in done.stderr
     assert "stage kind" not in done.stdout   # no table of zeros
+
+
+def test_a_curve_length_overrides_the_family_epochs_and_keeps_its_other_settings():
+    from benchmarks.learning_curve import curve_profile
+    from pipeline.config import FamilySettings, load_params
+
+    params = load_params(None)
+    base = params.dataset("synthetic")
+    own = {"memae": FamilySettings(epochs=32, batch_size=4, lr=0.003)}
+    dataset = base.model_copy(update={"profile": base.profile.model_copy(update={"families": own})})
+    profile = curve_profile(dataset, params.variant("memae"), {"width": 0.5}, 8)
+    # the training step reads this profile through training_profile again: the family must not win back
+    resolved = dataset.model_copy(update={"profile": profile}).training_profile(params.variant("memae"))
+    assert (resolved.epochs, resolved.batch_size, resolved.lr, resolved.width) == (8, 4, 0.003, 0.5)
+    mnad = curve_profile(dataset, params.variant("mnad-pred"), {}, 6)
+    assert (mnad.epochs, mnad.batch_size, mnad.lr) == (6, base.profile.batch_size, base.profile.lr)
