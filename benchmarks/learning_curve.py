@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401  (first: pins the CPU kernels of numpy and torch, as every stage does)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
@@ -170,6 +171,9 @@ def figure(table: pd.DataFrame, path: Path) -> Path | None:
                                      *((clean_auc_column(k), ":", k) for k in ANOMALY_TYPES)):
             ax.plot(rows["steps"], rows[column], style, marker="o", markersize=3, label=label)
         ax.set(xscale="log", ylim=(0.3, 1.02), xlabel="training steps", ylabel="AUC", title=variant)
+        # the lengths measured as the ticks, in plain numbers (a log axis's own labels overlap on a short span)
+        ax.set_xticks(rows["steps"], [str(int(s)) for s in rows["steps"]], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         loss = ax.twinx()
         loss.plot(rows["steps"], rows["final_loss"], color="grey", linewidth=0.8, label="final loss")
         loss.set_ylabel("final training loss")

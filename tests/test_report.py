@@ -374,8 +374,8 @@ def test_a_learning_curve_measured_under_other_code_reads_stale_against_the_stud
     assert curve_reproduces_study(study_results()) == ""  # no curve
     row = {"dataset": "synthetic", "probe": False, "seed": 0, "epochs": 4}  # the synthetic profile's 4 epochs
     rows = [{**row, "variant": "mnad-pred", "auc_micro": 0.852},
-            {**row, "variant": "memae", "auc_micro": 0.70},
-            {**row, "variant": "memae", "epochs": 2, "auc_micro": 0.60},        # another length: not compared
+            {**row, "variant": "memae", "epochs": 24, "auc_micro": 0.70},       # MemAE's own (families.memae)
+            {**row, "variant": "memae", "auc_micro": 0.60},                     # the profile's, not MemAE's: not compared
             {**row, "variant": "memae:x=1", "probe": True, "auc_micro": 0.5},   # not a study variant
             {**row, "variant": "mnad-pred", "seed": 1, "auc_micro": 0.5}]       # a seed the study did not run
     (tmp_path / "tables" / "budget").mkdir(parents=True)
