@@ -27,11 +27,11 @@ from analysis.claims import (CLAIMS, COLLAPSE_STUDY, NO_COLLAPSE, NOT_APPLICABLE
 from analysis.common import ANALYSIS_DIR, BASELINE, NORMAL_SETS, SCORE_COLUMNS, existing_runs, study_variants
 from analysis.formatting import figure_links, percent, points
 from analysis.plot_data import write_plot_data
-from analysis.probes import split_label
+from analysis.probes import SETTING_COLUMNS, label_settings, split_label
 from analysis.results import CLEAN_AUC_COLUMNS, PAPER_DATASETS, Results, clean_auc_column
 from pipeline import cpu_kernels, cpu_model, tracking
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ANOMALY_TYPES, REPO_ROOT, Params, load_params
+from pipeline.config import ANOMALY_TYPES, REPO_ROOT, ConfigError, Params, load_params
 from pipeline.errors import exit_cleanly
 from pipeline.io import write_text
 from pipeline.metrics import headline_scoring
@@ -274,12 +274,22 @@ def budget_section(results: Results) -> str:
 
 
 def curve_reproduces_study(results: Results) -> str:
-    """Whether the curve's rows at the study's own budget (a plain study variant at its profile's epochs, on a seed
-    the study ran) give the micro AUC of the study's run of that seed: a curve measured under other code or params
-    is stale. Empty when no row matches a run."""
+    """Whether the curve was measured under the study's code and params: each row's recorded settings are what its
+    label trains with now (SETTING_COLUMNS), and the rows at the study's own budget (a plain study variant at its
+    epochs, on a seed the study ran) give the micro AUC of the study's run of that seed. Empty when no row matches a
+    run and every row's settings hold."""
     params, curve = results.params, results.learning_curve
-    matched, differing = 0, []
+    matched, differing, moved = 0, [], []
     for row in ([] if curve is None else curve.itertuples()):
+        recorded = {key: getattr(row, key) for key in SETTING_COLUMNS if pd.notna(getattr(row, key, np.nan))}
+        try:
+            now = label_settings(params, row.dataset, row.variant) if recorded else {}
+            changed = [f"{key} {recorded[key]:g} recorded, {now[key]:g} now" for key in recorded
+                       if not np.isclose(recorded[key], now[key], rtol=1e-9, atol=0)]
+        except (ConfigError, AttributeError, ValueError) as exc:   # a dataset, variant or option since removed
+            changed = [f"the label no longer resolves ({exc})"]
+        if changed:
+            moved.append(f"{row.dataset} `{row.variant}` at {row.epochs} epochs: {', '.join(changed)}")
         runs = dict(results.metrics.get(row.dataset, {}).get(row.variant, []))
         if row.seed not in runs or row.epochs != params.dataset(row.dataset).training_profile(
                 params.variant(row.variant)).epochs:
@@ -289,10 +299,16 @@ def curve_reproduces_study(results: Results) -> str:
         if not np.isclose(row.auc_micro, study, rtol=0, atol=1e-9):
             differing.append(f"{row.dataset} `{row.variant}` seed {row.seed}: {100 * row.auc_micro:.1f} against "
                              f"{100 * study:.1f}")
+    stale = []
     if differing:
-        return (f"**Stale**: of the curve's {matched} rows at the study's budget, {len(differing)} do not reproduce "
-                f"the micro AUC of the study's run of the same seed ({'; '.join(differing)}): the curve was measured "
-                f"under other code or params; rerun `python benchmarks/learning_curve.py`.")
+        stale.append(f"of the curve's {matched} rows at the study's budget, {len(differing)} do not reproduce the "
+                     f"micro AUC of the study's run of the same seed ({'; '.join(differing)})")
+    if moved:
+        stale.append(f"{len(moved)} rows were trained with settings their label no longer gives under params.yaml "
+                     f"({'; '.join(moved)})")
+    if stale:
+        return (f"**Stale**: {'; and '.join(stale)}: the curve was measured under other code or params; rerun "
+                f"`python benchmarks/learning_curve.py`.")
     return (f"The curve's {matched} rows at the study's budget reproduce the micro AUC of the study's run of the same "
             f"seed exactly: the curve was measured under the study's code and params." if matched else "")
 

@@ -10,10 +10,12 @@ overrides after an at sign (`memae@width=0.5`) and overrides of the dataset's ge
 labels; a probe's `frame_size` renders its frames at that size too): it is then trained as a copy with those
 options, under that label. Probes (`--probes`) are such labels
 trained at one length only (`--probe-epochs`), to test one suspect at a time; they are rows of the table, not curves
-of the figure. For each variant and each training length (the dataset's profile with `epochs` replaced; the cosine
+of the figure. For each variant and each training length (the family's settings with `epochs` replaced; the cosine
 schedule spans each length), trains one seed from scratch on the dataset's frames (prepared into a temporary folder),
-evaluates it as the run stage does, and records the steps, the seconds, the learning gate's numbers and the AUCs
-(micro, and per anomaly type against all and against clean normal frames: analysis.anomaly_types).
+evaluates it as the run stage does, and records the settings it trained with (frame size, width, batch, lr, clips
+per epoch: REPORT.md calls a row stale when its label no longer gives them), the steps, the seconds, the learning
+gate's numbers and the AUCs (micro, and per anomaly type against all and against clean normal frames:
+analysis.anomaly_types).
 Writes <out>/tables/budget/learning_curve.csv and <out>/figures/budget/learning_curve.png (REPORT.md links them),
 and prints the table. Nothing is logged to MLflow. `--append` keeps the table's other rows: a row of the same
 dataset, label, epochs and seed is replaced (one more probe without training the curves again; `--variants` then
@@ -37,7 +39,7 @@ import yaml  # noqa: E402
 from analysis import plotting  # noqa: E402
 from analysis.anomaly_types import abnormal_before, aucs_by_normal_set, clean_normal  # noqa: E402
 from analysis.common import SCORE_COLUMNS, Run  # noqa: E402
-from analysis.probes import split_label  # noqa: E402
+from analysis.probes import SETTING_COLUMNS, curve_profile, labelled_variant  # noqa: E402
 from analysis.results import clean_auc_column  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
 from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
@@ -84,6 +86,7 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
         clean_frames = clean_normal(scores, abnormal_before(read_labels(frames)), variant)
         clean = aucs_by_normal_set(scores, clean_frames, SCORE_COLUMNS[metrics["headline"]])["clean"]
         row = {"dataset": dataset_name, "variant": variant_name, "probe": probe, "seed": seed, "epochs": epochs,
+               **{key: getattr(profile, key) for key in SETTING_COLUMNS},
                "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
                "eval_seconds": round(eval_seconds, 1), "updated_frames": headline.get("updated_frames", 0),
                "final_loss": last["loss"], "zero_rows": last.get("zero_rows", np.nan),
@@ -97,12 +100,6 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
     return pd.DataFrame(rows)
 
 
-def curve_profile(dataset, variant, profile_options: dict, epochs: int):
-    """What `variant` trains with at one length of the curve: its family's own settings (params.yaml `families`)
-    with the label's profile options and `epochs` over them (the family's epochs would otherwise win)."""
-    return dataset.training_profile(variant).model_copy(update={**profile_options, "epochs": epochs})
-
-
 def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """The earlier table with the new rows added; an earlier row of the same (dataset, variant, epochs, seed) gives
     way to the new one in its place (the table keeps its order), the other new rows come last."""
@@ -111,19 +108,6 @@ def appended(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     first_seen = table.groupby(key, sort=False).ngroup()   # a key's place: where it first appears
     return (table.assign(_place=first_seen).drop_duplicates(key, keep="last")
             .sort_values("_place", kind="stable").drop(columns="_place").reset_index(drop=True))
-
-
-def labelled_variant(params, label: str, dataset):
-    """`name[:option=value,...][@profile_option=value,...][#source_option=value,...]` -> (the variant with those
-    options and the label as its name, the profile options to change, the generator options to change)."""
-    parts = split_label(label)
-    variant = params.variant(parts.name)
-    changed = _assignments(variant, parts.variant)
-    profile_changes = _assignments(dataset.profile, parts.profile)
-    source_changes = _assignments(dataset.source, parts.source)
-    renamed = (variant.model_copy(update={**changed, "name": label}) if changed or profile_changes or source_changes
-               else variant)
-    return renamed, profile_changes, source_changes
 
 
 def rendered(params_path: Path | None, dataset_name: str, source_changes: dict, frame_size: int | None,
@@ -145,16 +129,6 @@ def rendered(params_path: Path | None, dataset_name: str, source_changes: dict, 
             path.write_text(yaml.safe_dump(raw, sort_keys=False))
         prepare(dataset_name, path, work / name)
     return frames
-
-
-def _assignments(model, text: str) -> dict:
-    """"a=1,b=true" -> {"a": 1, "b": True}, each value cast to the type the option has in `model`."""
-    changed = {}
-    for assignment in filter(None, text.split(",")):
-        key, value = assignment.split("=")
-        current = getattr(model, key)
-        changed[key] = value.lower() == "true" if isinstance(current, bool) else type(current)(value)
-    return changed
 
 
 def figure(table: pd.DataFrame, path: Path) -> Path | None:

@@ -65,7 +65,8 @@ def test_a_table_of_probes_only_draws_no_learning_curve(tmp_path):
 def test_a_probe_label_sets_variant_profile_and_generator_options_and_renders_its_own_frames(tmp_path):
     import json
 
-    from benchmarks.learning_curve import labelled_variant, rendered
+    from analysis.probes import labelled_variant
+    from benchmarks.learning_curve import rendered
     from pipeline.config import load_params
 
     params = load_params(None)
@@ -100,7 +101,7 @@ def test_stage_times_refuses_a_saved_log_that_holds_no_times():
 
 
 def test_a_curve_length_overrides_the_family_epochs_and_keeps_its_other_settings():
-    from benchmarks.learning_curve import curve_profile
+    from analysis.probes import curve_profile
     from pipeline.config import FamilySettings, load_params
 
     params = load_params(None)

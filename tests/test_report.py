@@ -387,3 +387,30 @@ def test_a_learning_curve_measured_under_other_code_reads_stale_against_the_stud
     rows[1]["auc_micro"] = 0.739
     pd.DataFrame(rows).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
     assert curve_reproduces_study(study_results()).startswith("The curve's 2 rows at the study's budget reproduce the micro")
+
+
+def test_a_curve_row_whose_label_now_trains_with_other_settings_reads_stale(tmp_path):
+    from analysis.report import curve_reproduces_study
+    from analysis.results import Results
+
+    # memae trains at lr 6e-3 on synthetic (families.memae); a row that recorded 1e-3 under its plain label was
+    # measured under other params, whatever its AUC; the same row labelled '@lr=0.001' is what it says
+    settings = {"frame_size": 64, "width": 0.125, "batch_size": 8, "max_train_clips": 500}
+    row = {"dataset": "synthetic", "probe": True, "seed": 0, "epochs": 4, "auc_micro": 0.7, **settings}
+    (tmp_path / "tables" / "budget").mkdir(parents=True)
+
+    def verdict(rows):
+        pd.DataFrame(rows).to_csv(tmp_path / "tables" / "budget" / "learning_curve.csv", index=False)
+        results = Results(load_params(None), tmp_path / "runs", tmp_path, tmp_path)
+        results.metrics = {}
+        return curve_reproduces_study(results)
+
+    assert verdict([{**row, "variant": "memae", "lr": 0.001}]) == (
+        "**Stale**: 1 rows were trained with settings their label no longer gives under params.yaml (synthetic "
+        "`memae` at 4 epochs: lr 0.001 recorded, 0.006 now): the curve was measured under other code or params; "
+        "rerun `python benchmarks/learning_curve.py`.")
+    assert verdict([{**row, "variant": "memae@lr=0.001", "lr": 0.001},
+                    {**row, "variant": "memae", "lr": 0.006}]) == ""
+    removed = verdict([{**row, "variant": "memae-gone", "lr": 0.001}])
+    assert removed.startswith("**Stale**: 1 rows were trained with settings their label no longer gives")
+    assert "synthetic `memae-gone` at 4 epochs: the label no longer resolves (unknown variant 'memae-gone'" in removed
