@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import cpu_kernels, cpu_model  # noqa: E402  (first: pins the CPU kernels of numpy and torch)
+from pipeline import allocator, cpu_kernels, cpu_model  # noqa: E402  (first: pins the CPU kernels of numpy and torch)
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
@@ -25,7 +25,7 @@ from pipeline.io import write_json  # noqa: E402
 def machine() -> dict:
     """The facts a speed figure depends on."""
     return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_kernels": cpu_kernels(), "threads": torch.get_num_threads(),
+            "cpu_kernels": cpu_kernels(), "allocator": allocator(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

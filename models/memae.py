@@ -26,13 +26,13 @@ ADDRESSINGS = ("dot", "cosine")
 
 def conv3d_block(in_channels: int, out_channels: int, stride: tuple[int, int, int]) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
-                         nn.BatchNorm3d(out_channels), nn.LeakyReLU(0.2))
+                         nn.BatchNorm3d(out_channels), nn.LeakyReLU(0.2, inplace=True))
 
 
 def deconv3d_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """2x upsampling in time and space."""
     return nn.Sequential(nn.ConvTranspose3d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1),
-                         nn.BatchNorm3d(out_channels), nn.LeakyReLU(0.2))
+                         nn.BatchNorm3d(out_channels), nn.LeakyReLU(0.2, inplace=True))
 
 
 def hard_shrink(weights: torch.Tensor, threshold: float) -> torch.Tensor:

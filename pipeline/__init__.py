@@ -77,6 +77,22 @@ def pin_cpu_kernels() -> bool:
     return True
 
 
+# glibc's malloc settings for training at the papers' size on CPU (README, "Speed, and the GPU"). glibc hands each freed
+# block over 32 MiB back to the kernel, and the next step faults its pages in again, zeroed: MemAE at 256x256, batch 4,
+# spent 4.4 s of its 8.6 s step in page faults (1.7 million). These serve large blocks from the heap, never trim it,
+# and turn off the per-thread cache, whose hold on the small remainders of torch's 64-byte-aligned blocks would pin
+# freed blocks in place and grow the heap: 5.2 s a step, the same numbers, a peak 1.1-1.5x higher. glibc reads them
+# once, at process start, so they belong in the environment (GLIBC_TUNABLES), not in code run after it.
+HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615:"
+                       "glibc.malloc.tcache_count=0")
+
+
+def allocator() -> str:
+    """The glibc malloc tunables this process started with, for the records: "default" when there are none."""
+    settings = [item for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if item.startswith("glibc.malloc.")]
+    return ":".join(settings) or "default"
+
+
 def cpu_kernels() -> str:
     """What this process computes with on CPU, for the records: torch's kernel level and whether the pins are in
     force, e.g. "AVX2 (pinned)", "AVX512 (native)"."""

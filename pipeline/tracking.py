@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from pipeline import cpu_kernels
+from pipeline import allocator, cpu_kernels
 from pipeline.config import REPO_ROOT
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
@@ -317,10 +317,10 @@ def package_versions() -> dict[str, str]:
 
 
 def environment_tags(device: str) -> dict[str, str]:
-    """What a run computed with beyond its params: commit, Python, device, torch's CPU kernels and the VERSIONED
-    packages' versions."""
+    """What a run computed with beyond its params: commit, Python, device, torch's CPU kernels, the allocator and the
+    VERSIONED packages' versions."""
     tags = {"git_commit": git_commit(), "python_version": platform.python_version(), "device": device,
-            "cpu_kernels": cpu_kernels(),
+            "cpu_kernels": cpu_kernels(), "allocator": allocator(),
             **{f"version.{name}": version for name, version in package_versions().items()}}
     if "CUDA_VISIBLE_DEVICES" in os.environ:   # the GPUs this process was given (one queue worker per GPU)
         tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]

@@ -80,3 +80,25 @@ def test_the_share_of_queries_the_shrinkage_zeroes_is_logged():
     model.memory.shrink_threshold = 0.0001
     with torch.no_grad():
         assert model(torch.rand(1, 1, 8, 32, 32)).loss_terms["zero_rows"].item() == 0.0
+
+
+def test_in_place_activations_give_the_same_loss_and_gradients_bit_for_bit():
+    """The blocks' LeakyReLU works in place (it saves MemAE one activation tensor per block, 14% of the peak memory at
+    the papers' size): the same forward and backward as the out-of-place one."""
+    import copy
+
+    from models.memae import MemAE
+    torch.manual_seed(0)
+    in_place = MemAE(width=0.125, memory_items=20)
+    out_of_place = copy.deepcopy(in_place)
+    activations = [m for m in out_of_place.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert len(activations) == 7 and all(m.inplace for m in activations)
+    for module in activations:
+        module.inplace = False
+    clip = torch.rand(2, 1, 16, 32, 32) * 2 - 1
+    losses = [((model(clip).output - clip) ** 2).mean() for model in (in_place, out_of_place)]
+    assert torch.equal(*losses)
+    for loss in losses:
+        loss.backward()
+    for (name, a), (_, b) in zip(in_place.named_parameters(), out_of_place.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
