@@ -14,6 +14,10 @@ Settings (joined with "+"): baseline (pipeline.train's step: NCHW weights, fp32,
 (the weights in the channels-last layout), compile (torch.compile of the model; its compile seconds are reported
 apart), bf16 (bf16 autocast, as profile.precision bf16), batch=N (N samples per step instead of the profile's),
 threads=N (torch's intra-op threads). Two warm-up steps precede the timed ones.
+
+At the papers' size, run it with the heap-reuse tunables in the environment too (README, "Speed, and the GPU"):
+`GLIBC_TUNABLES=<pipeline.HEAP_REUSE_TUNABLES> python benchmarks/train_speed.py --sizes paper`. glibc reads them at
+process start, so one run measures one setting; the JSON's machine names the tunables in force (`allocator`).
 """
 from __future__ import annotations
 

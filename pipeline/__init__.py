@@ -79,10 +79,10 @@ def pin_cpu_kernels() -> bool:
 
 # glibc's malloc settings for training at the papers' size on CPU (README, "Speed, and the GPU"). glibc hands each freed
 # block over 32 MiB back to the kernel, and the next step faults its pages in again, zeroed: MemAE at 256x256, batch 4,
-# spent 4.4 s of its 8.6 s step in page faults (1.7 million). These serve large blocks from the heap, never trim it,
-# and turn off the per-thread cache, whose hold on the small remainders of torch's 64-byte-aligned blocks would pin
-# freed blocks in place and grow the heap: 5.2 s a step, the same numbers, a peak 1.1-1.5x higher. glibc reads them
-# once, at process start, so they belong in the environment (GLIBC_TUNABLES), not in code run after it.
+# took 1.7 million page faults and 4.3 s of kernel time in an 8.1 s step. These serve large blocks from the heap,
+# never trim it, and turn off the per-thread cache, whose hold on the small remainders of torch's 64-byte-aligned
+# blocks would pin freed blocks in place and grow the heap: 5.1 s a step, the same numbers, a peak 1.2-1.6x higher.
+# glibc reads them once, at process start, so they belong in the environment (GLIBC_TUNABLES), not in code run after.
 HEAP_REUSE_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615:"
                        "glibc.malloc.tcache_count=0")
 
