@@ -49,7 +49,11 @@ def label_settings(params: Params, dataset_name: str, label: str) -> dict:
     """The SETTING_COLUMNS a curve row of `label` on `dataset_name` trains with under `params`."""
     dataset = params.dataset(dataset_name)
     variant, profile_options, _ = labelled_variant(params, label, dataset)
-    profile = curve_profile(dataset, variant, profile_options, dataset.profile.epochs)
+    return profile_settings(curve_profile(dataset, variant, profile_options, dataset.profile.epochs))
+
+
+def profile_settings(profile: Profile) -> dict:
+    """The SETTING_COLUMNS of a training profile, as a curve row records them."""
     return {key: getattr(profile, key) for key in SETTING_COLUMNS}
 
 

@@ -39,7 +39,7 @@ import yaml  # noqa: E402
 from analysis import plotting  # noqa: E402
 from analysis.anomaly_types import abnormal_before, aucs_by_normal_set, clean_normal  # noqa: E402
 from analysis.common import SCORE_COLUMNS, Run  # noqa: E402
-from analysis.probes import SETTING_COLUMNS, curve_profile, labelled_variant  # noqa: E402
+from analysis.probes import curve_profile, labelled_variant, profile_settings  # noqa: E402
 from analysis.results import clean_auc_column  # noqa: E402
 from pipeline.checkpoint import load_trained_model  # noqa: E402
 from pipeline.config import ANOMALY_TYPES, DEFAULT_PARAMS, load_params  # noqa: E402
@@ -86,7 +86,7 @@ def curve(params_path: Path | None, dataset_name: str, jobs: list[tuple[str, int
         clean_frames = clean_normal(scores, abnormal_before(read_labels(frames)), variant)
         clean = aucs_by_normal_set(scores, clean_frames, SCORE_COLUMNS[metrics["headline"]])["clean"]
         row = {"dataset": dataset_name, "variant": variant_name, "probe": probe, "seed": seed, "epochs": epochs,
-               **{key: getattr(profile, key) for key in SETTING_COLUMNS},
+               **profile_settings(profile),
                "steps": training.log[-1]["step"], "train_seconds": round(seconds, 1),
                "eval_seconds": round(eval_seconds, 1), "updated_frames": headline.get("updated_frames", 0),
                "final_loss": last["loss"], "zero_rows": last.get("zero_rows", np.nan),

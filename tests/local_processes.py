@@ -1,7 +1,9 @@
 """What several tests do with the processes they start on this machine: pick a free port on 127.0.0.1, run a
-command (DVC's too) that must succeed, and start, wait for and stop a DVC experiment queue's workers."""
+command (DVC's too) that must succeed, run Python code in a fresh interpreter free of the process-level settings, and
+start, wait for and stop a DVC experiment queue's workers."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +13,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pipeline
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -24,6 +30,28 @@ def command(work: Path, env: dict, *args: str, timeout: float = 600) -> str:
     result = subprocess.run(list(args), cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} in {work}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     return result.stdout
+
+
+def fresh_python(code: str, **env_changes: str | None) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter at the repository root. Its environment holds none of the settings a process reads
+    once, at its start (the CPU kernel pins, MEMVAD_CPU_KERNELS, glibc's malloc tunables) beyond `env_changes`
+    (None removes a variable)."""
+    read_at_start = {*pipeline.CPU_KERNEL_PINS, pipeline.CPU_KERNELS_VARIABLE, "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in read_at_start and not k.startswith("MALLOC_")}
+    for name, value in env_changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def reported(code: str, **env_changes: str | None):
+    """What `code`, run by fresh_python, printed as JSON on its last line (it must succeed)."""
+    done = fresh_python(code, **env_changes)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def dvc(work: Path, env: dict, *args: str, timeout: float = 600) -> str:

@@ -1,18 +1,13 @@
 """glibc's heap-reuse settings (pipeline.HEAP_REUSE_TUNABLES), which the README gives for training at the papers' size
 on CPU. glibc reads them at process start, so each case runs in a fresh interpreter."""
-import json
-import os
 import platform
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import pipeline
+from local_processes import reported
 from pipeline import tracking
 
-REPO = Path(__file__).resolve().parent.parent
 on_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                               reason="the tunables are glibc's")
 
@@ -54,19 +49,6 @@ for name, frame in (("memae", 64), ("mnad-pred", 64)):
     digests[name] = digest.hexdigest()
 print(json.dumps(digests))
 """
-
-
-def fresh_python(code: str, **env_changes: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    env.update(env_changes)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def reported(code: str, **env_changes: str) -> dict:
-    done = fresh_python(code, **env_changes)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @on_glibc

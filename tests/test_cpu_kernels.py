@@ -1,41 +1,15 @@
 """torch's CPU kernels pinned to AVX2 by importing the pipeline package (pipeline/__init__.py): each case runs in a
 fresh interpreter, since the libraries read their variables once, when torch loads."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 import pipeline
+from local_processes import fresh_python, reported
 from pipeline import tracking
 
-REPO = Path(__file__).resolve().parent.parent
 REPORT = "import json, os, torch; print(json.dumps({'capability': torch.backends.cpu.get_cpu_capability(), " \
          "'kernels': pipeline.cpu_kernels(), 'env': {k: os.environ.get(k) for k in pipeline.CPU_KERNEL_PINS}}))"
 
 needs_avx2 = pytest.mark.skipif(not pipeline.cpu_has_avx2(), reason="the pin applies to x86-64 CPUs with AVX2")
-
-
-def fresh_python(code: str, **env_changes: str | None) -> subprocess.CompletedProcess:
-    """`code` in a new interpreter at the repository root, with none of the pins in its environment beyond
-    `env_changes` (None removes a variable)."""
-    env = {k: v for k, v in os.environ.items() if k not in pipeline.CPU_KERNEL_PINS}
-    env.pop(pipeline.CPU_KERNELS_VARIABLE, None)
-    for name, value in env_changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def reported(code: str, **env_changes) -> dict:
-    done = fresh_python(code, **env_changes)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @needs_avx2
